@@ -1,0 +1,689 @@
+"""Run configuration: nested dataclasses, YAML presets, dotted ``key=value`` overrides.
+
+One vocabulary of dotted keys (``selection.k``, ``kd.weight``, ``optim.lr`` ...) serves YAML files, the CLI,
+the sweep space, MLflow params and the exported best config. This module imports no torch: every check here
+runs in well under a second, before any model, tokenizer or Ray worker exists. Checks that need files
+(model configs, tokenizers, dataset columns) live in ``flexkd.checks``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad config value. The message is one line and names the key (or file) to change."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The groups. Each field's docstring is what `flexkd show --keys` prints.
+
+
+@dataclass
+class Run:
+    name: str = "run"
+    """Run name; also the default output folder name."""
+    output_dir: str = ""
+    """Where artifacts go. Empty: ./flexkd-runs/<run.name>. Relative paths are relative to the working directory."""
+    seed: int = 0
+    """Seed for model init, data order and the random selection strategy."""
+    device: str = "auto"
+    """auto | cpu | cuda. auto picks cuda when available."""
+    precision: str = "fp32"
+    """fp32 | bf16 (autocast on CUDA; CPUs run bf16 matmuls slowly)."""
+
+
+@dataclass
+class Data:
+    task: str = "classification"
+    """classification (text, label) | instruction (instruction, input?, response) | summarization (document, summary)."""
+    source: str = "demo"
+    """'demo' (built-in generated task), a local .json/.jsonl/.csv/.parquet file or folder, or a Hub dataset name."""
+    subset: str = ""
+    """Hub dataset configuration name, if the dataset has several."""
+    train_split: str = "train"
+    """Split that training, scoring and (when no val_split) validation are cut from."""
+    val_split: str = ""
+    """Validation split name; empty: hold out data.val_size examples of the train split."""
+    test_split: str = ""
+    """Test split name; empty: hold out data.test_size examples of the train split (0 for none)."""
+    val_size: int = 200
+    """Examples held out for validation when val_split is empty."""
+    test_size: int = 0
+    """Examples held out for testing when test_split is empty."""
+    columns: dict = field(default_factory=dict)
+    """Map from the task's fields (text, label / instruction, input, response / document, summary) to column names."""
+    template: str = ""
+    """Prompt template with {field} slots; 'chat' uses the tokenizer's chat template; empty: the task's default."""
+    max_length: int = 128
+    """Tokens per example (prompt + response for generation tasks); longer prompts are cut."""
+    max_response_length: int = 64
+    """Tokens kept of a response or summary (generation tasks)."""
+    max_train_examples: int = 0
+    """Use at most this many training examples (0: all)."""
+    split_seed: int = 1234
+    """Seed of the train/val/test cut and of the scoring-set draw; independent of run.seed so seeds share data."""
+
+
+@dataclass
+class Teacher:
+    path: str = ""
+    """The fine-tuned teacher: a Hugging Face folder or Hub name. Frozen during distillation."""
+    base: str = ""
+    """`flexkd teacher` fine-tunes this model (folder or Hub name) into teacher.path; empty: build from teacher.arch."""
+    arch: dict = field(default_factory=dict)
+    """Architecture to build from a config (model_type plus config fields) when teacher.base is empty."""
+    tokenizer: str = ""
+    """Tokenizer folder or Hub name for a teacher built from arch; 'demo' builds the demo task's word tokenizer."""
+    auto_prepare: bool = False
+    """Run `flexkd teacher` first when teacher.path does not exist yet (the demo presets do)."""
+    steps: int = 600
+    """Optimizer steps of the teacher fine-tune."""
+    lr: float = 1e-3
+    """Learning rate of the teacher fine-tune."""
+    batch_size: int = 32
+    """Batch size of the teacher fine-tune."""
+
+
+@dataclass
+class Student:
+    path: str = ""
+    """Pretrained student to start from (folder or Hub name); empty: build a fresh one from student.arch."""
+    arch: dict = field(default_factory=dict)
+    """Architecture of a fresh student: model_type plus config fields; missing fields are copied from the teacher."""
+
+
+@dataclass
+class Scoring:
+    method: str = "grad"
+    """grad | grad_token | taylor | fisher (see FLEXKD.md section 1)."""
+    batch_size: int = 8
+    """Scoring batch size; with 'grad' it changes the scores, so it is a sweep dimension."""
+    num_examples: int = 512
+    """Size of the scoring set drawn from the training split (fewer if the split is smaller)."""
+
+
+@dataclass
+class Selection:
+    strategy: str = "gradient"
+    """gradient (Flex-KD) | random | variance | first."""
+    k: int = 0
+    """Teacher units kept per layer; 0: the student hidden size. Student dims 0..k-1 are aligned."""
+
+
+@dataclass
+class Feature:
+    loss: str = "pearson"
+    """pearson (Flex-KD) | mse_std | projector (learned linear map, the FitNets baseline) | none."""
+    weight: float = 1.0
+    """Weight of the feature loss (mean over mapped layers)."""
+    layers: Any = "last"
+    """Layer map: 'last', 'uniform:K', 'T:S,T:S' or [[T, S], ...]; indices into hidden_states, negatives allowed."""
+    tokens: str = "all"
+    """Positions aligned: all (every non-padding token) | response (positions that enter the task loss)."""
+
+
+@dataclass
+class KD:
+    loss: str = "fkl"
+    """fkl | rkl | skl | srkl | jsd | none: logit distillation on the task-loss positions."""
+    weight: float = 1.0
+    """Weight of the logit-KD loss."""
+    temperature: float = 1.0
+    """Softmax temperature; the loss is scaled by temperature**2."""
+    skew: float = 0.1
+    """Mixing weight a of the skew losses skl and srkl (DistiLLM)."""
+
+
+@dataclass
+class Task:
+    weight: float = 1.0
+    """Weight of the student's own task cross-entropy."""
+
+
+@dataclass
+class Optim:
+    lr: float = 5e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warm-up: cosine | linear | constant."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0: off)."""
+
+
+@dataclass
+class Train:
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Global batch: examples per optimizer step, whatever the number of workers."""
+    grad_accum: int = 1
+    """Micro-batches per step; the micro-batch is batch_size / (workers * grad_accum)."""
+    log_every: int = 10
+    """Report training metrics every this many steps."""
+    eval_every: int = 100
+    """Validate every this many steps (and at the end); 0: only at the end."""
+    checkpoint_every: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+
+
+@dataclass
+class Eval:
+    batch_size: int = 64
+    """Evaluation batch size."""
+    max_examples: int = 0
+    """Evaluate on at most this many examples per split (0: all)."""
+    max_new_tokens: int = 64
+    """Greedy decoding budget for generation tasks."""
+
+
+@dataclass
+class Scaling:
+    num_workers: int = 0
+    """0: run in this process without Ray; N >= 1: Ray Train with N workers."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    strategy: str = "ddp"
+    """ddp | fsdp: how the student is wrapped across workers (the teacher never is)."""
+    cpus_per_worker: int = 1
+    """CPUs reserved per Ray Train worker."""
+    storage_path: str = ""
+    """Ray Train storage: absolute path or cloud URI; empty: ./flexkd-runs/ray."""
+    max_failures: int = 0
+    """Worker-group restarts allowed; each resumes from the latest checkpoint."""
+
+
+@dataclass
+class Config:
+    run: Run = field(default_factory=Run)
+    data: Data = field(default_factory=Data)
+    teacher: Teacher = field(default_factory=Teacher)
+    student: Student = field(default_factory=Student)
+    scoring: Scoring = field(default_factory=Scoring)
+    selection: Selection = field(default_factory=Selection)
+    feature: Feature = field(default_factory=Feature)
+    kd: KD = field(default_factory=KD)
+    task: Task = field(default_factory=Task)
+    optim: Optim = field(default_factory=Optim)
+    train: Train = field(default_factory=Train)
+    eval: Eval = field(default_factory=Eval)
+    scaling: Scaling = field(default_factory=Scaling)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Names the checks accept. The loss/scorer dicts live beside their code; these lists are kept equal to them
+# by a test, so that config parsing never imports torch.
+
+TASKS = ("classification", "instruction", "summarization")
+TASK_COLUMNS = {
+    "classification": ("text", "label"),
+    "instruction": ("instruction", "input", "response"),
+    "summarization": ("document", "summary"),
+}
+OPTIONAL_COLUMNS = {"input"}
+SCORING_METHODS = ("grad", "grad_token", "taylor", "fisher")
+SELECTION_STRATEGIES = ("gradient", "random", "variance", "first")
+FEATURE_LOSS_NAMES = ("pearson", "mse_std", "projector", "none")
+KD_LOSS_NAMES = ("fkl", "rkl", "skl", "srkl", "jsd", "none")
+SELECTING_FEATURE_LOSSES = ("pearson", "mse_std")  # the ones that align a selected subspace
+
+
+def uses_teacher(cfg: Config) -> bool:
+    """Does the run read the teacher at all? (SFT does not.)"""
+    return (cfg.kd.loss != "none" and cfg.kd.weight > 0) or (
+        cfg.feature.loss != "none" and cfg.feature.weight > 0
+    )
+
+
+def uses_features(cfg: Config) -> bool:
+    return cfg.feature.loss != "none" and cfg.feature.weight > 0
+
+
+def uses_selection(cfg: Config) -> bool:
+    """Does the run score and select teacher units? (pearson / mse_std with a positive weight.)"""
+    return uses_features(cfg) and cfg.feature.loss in SELECTING_FEATURE_LOSSES
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]):
+    if value not in allowed:
+        raise ConfigError(f"{key}: unknown value {value!r}; choose one of {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: float, low: float):
+    if value < low:
+        raise ConfigError(f"{key}: must be >= {low}, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Static checks (no files read). Raises ConfigError naming the key."""
+    _choice("run.device", cfg.run.device, ("auto", "cpu", "cuda"))
+    _choice("run.precision", cfg.run.precision, ("fp32", "bf16"))
+    _choice("data.task", cfg.data.task, TASKS)
+    if not cfg.data.source:
+        raise ConfigError("data.source: empty; give 'demo', a local file or folder, or a Hub dataset name")
+    allowed_cols = TASK_COLUMNS[cfg.data.task]
+    for name in cfg.data.columns:
+        if name not in allowed_cols:
+            raise ConfigError(
+                f"data.columns.{name}: not a field of the {cfg.data.task} task; its fields are {', '.join(allowed_cols)}"
+            )
+    for key in ("val_size", "test_size", "max_train_examples"):
+        _at_least(f"data.{key}", getattr(cfg.data, key), 0)
+    _at_least("data.max_length", cfg.data.max_length, 8)
+    _at_least("data.max_response_length", cfg.data.max_response_length, 1)
+    if cfg.data.task != "classification" and cfg.data.max_response_length >= cfg.data.max_length:
+        raise ConfigError(
+            f"data.max_response_length: {cfg.data.max_response_length} leaves no room for the prompt "
+            f"within data.max_length={cfg.data.max_length}"
+        )
+
+    if not cfg.teacher.path:
+        raise ConfigError("teacher.path: empty; give the fine-tuned teacher's folder or Hub name")
+    if cfg.teacher.base and cfg.teacher.arch:
+        raise ConfigError(
+            "teacher.arch: set either teacher.base (a model to fine-tune) or teacher.arch, not both"
+        )
+    if cfg.student.path and cfg.student.arch:
+        raise ConfigError(
+            "student.arch: set either student.path (a pretrained student) or student.arch, not both"
+        )
+    if not cfg.student.path and not cfg.student.arch:
+        raise ConfigError("student.path: empty, and no student.arch to build one from; give one of the two")
+    if cfg.teacher.arch and "model_type" not in cfg.teacher.arch:
+        raise ConfigError("teacher.arch.model_type: missing; name the architecture (e.g. bert, llama)")
+    for key in ("steps", "batch_size"):
+        _at_least(f"teacher.{key}", getattr(cfg.teacher, key), 1)
+    _at_least("teacher.lr", cfg.teacher.lr, 0)
+
+    _choice("scoring.method", cfg.scoring.method, SCORING_METHODS)
+    _at_least("scoring.batch_size", cfg.scoring.batch_size, 1)
+    _at_least("scoring.num_examples", cfg.scoring.num_examples, 1)
+    if cfg.scoring.num_examples < cfg.scoring.batch_size:
+        raise ConfigError(
+            f"scoring.num_examples: {cfg.scoring.num_examples} is smaller than one scoring batch "
+            f"(scoring.batch_size={cfg.scoring.batch_size})"
+        )
+    _choice("selection.strategy", cfg.selection.strategy, SELECTION_STRATEGIES)
+    _at_least("selection.k", cfg.selection.k, 0)
+
+    _choice("feature.loss", cfg.feature.loss, FEATURE_LOSS_NAMES)
+    _choice("feature.tokens", cfg.feature.tokens, ("all", "response"))
+    parse_layer_map(cfg.feature.layers)  # raises on a malformed map
+    _choice("kd.loss", cfg.kd.loss, KD_LOSS_NAMES)
+    for key in ("task.weight", "kd.weight", "feature.weight"):
+        _at_least(key, get_key(cfg, key), 0)
+    if cfg.kd.temperature <= 0:
+        raise ConfigError(f"kd.temperature: must be > 0, got {cfg.kd.temperature}")
+    if not 0 < cfg.kd.skew < 1:
+        raise ConfigError(f"kd.skew: must be in (0, 1), got {cfg.kd.skew}")
+    if cfg.task.weight == 0 and cfg.kd.weight == 0 and cfg.feature.weight == 0:
+        raise ConfigError("task.weight: all loss weights are 0, nothing would train")
+
+    _at_least("optim.lr", cfg.optim.lr, 0)
+    _at_least("optim.weight_decay", cfg.optim.weight_decay, 0)
+    _at_least("optim.warmup_steps", cfg.optim.warmup_steps, 0)
+    _choice("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
+    _at_least("optim.max_grad_norm", cfg.optim.max_grad_norm, 0)
+
+    for key in ("steps", "batch_size", "grad_accum", "log_every"):
+        _at_least(f"train.{key}", getattr(cfg.train, key), 1)
+    for key in ("eval_every", "checkpoint_every"):
+        _at_least(f"train.{key}", getattr(cfg.train, key), 0)
+    _at_least("eval.batch_size", cfg.eval.batch_size, 1)
+    _at_least("eval.max_examples", cfg.eval.max_examples, 0)
+    _at_least("eval.max_new_tokens", cfg.eval.max_new_tokens, 1)
+
+    _at_least("scaling.num_workers", cfg.scaling.num_workers, 0)
+    _choice("scaling.strategy", cfg.scaling.strategy, ("ddp", "fsdp"))
+    _at_least("scaling.cpus_per_worker", cfg.scaling.cpus_per_worker, 0)
+    _at_least("scaling.max_failures", cfg.scaling.max_failures, 0)
+    shards = max(cfg.scaling.num_workers, 1) * cfg.train.grad_accum
+    if cfg.train.batch_size % shards:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} does not split into scaling.num_workers x train.grad_accum "
+            f"= {shards} equal micro-batches"
+        )
+    if (
+        cfg.scaling.storage_path
+        and "://" not in cfg.scaling.storage_path
+        and not os.path.isabs(cfg.scaling.storage_path)
+    ):
+        raise ConfigError(
+            f"scaling.storage_path: {cfg.scaling.storage_path!r} must be an absolute path or a URI (workers change directory)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layer maps
+
+
+def parse_layer_map(spec: Any) -> str | int | list[tuple[int, int]]:
+    """Parse a layer map into 'last', an int K (uniform) or explicit (teacher, student) pairs.
+
+    Accepted: 'last'; 'uniform:K'; 'T:S,T:S' (the form a sweep's categorical uses); [[T, S], ...].
+    """
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text == "last":
+            return "last"
+        if text.startswith("uniform:"):
+            k = text.split(":", 1)[1]
+            if not k.isdigit() or int(k) < 1:
+                raise ConfigError(
+                    f"feature.layers: {spec!r}: uniform needs a pair count >= 1, e.g. uniform:2"
+                )
+            return int(k)
+        pairs = []
+        for part in text.split(","):
+            bits = part.strip().split(":")
+            try:
+                pairs.append((int(bits[0]), int(bits[1])))
+            except (ValueError, IndexError):
+                raise ConfigError(
+                    f"feature.layers: {spec!r} is not 'last', 'uniform:K' or 'T:S,T:S' pairs of integers"
+                ) from None
+            if len(bits) != 2:
+                raise ConfigError(f"feature.layers: {part!r} is not a T:S pair")
+        return pairs
+    if isinstance(spec, (list, tuple)) and spec:
+        pairs = []
+        for item in spec:
+            if not (
+                isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(i, int) for i in item)
+            ):
+                raise ConfigError(f"feature.layers: {item!r} is not a [teacher, student] pair of integers")
+            pairs.append((int(item[0]), int(item[1])))
+        return pairs
+    raise ConfigError(f"feature.layers: {spec!r} is not 'last', 'uniform:K', 'T:S,...' or a list of pairs")
+
+
+def resolve_layer_map(spec: Any, teacher_layers: int, student_layers: int) -> list[tuple[int, int]]:
+    """Turn a layer map into explicit non-negative (teacher, student) indices into ``hidden_states``.
+
+    ``*_layers`` count transformer blocks, so ``hidden_states`` has ``layers + 1`` entries (0 = embeddings).
+    'uniform:K' pairs block outputs at K evenly spaced depths, ending with last-to-last.
+    """
+    parsed = parse_layer_map(spec)
+    if parsed == "last":
+        pairs = [(-1, -1)]
+    elif isinstance(parsed, int):
+        k = parsed
+        if k > student_layers:
+            raise ConfigError(
+                f"feature.layers: uniform:{k} asks for more pairs than the student's {student_layers} layers"
+            )
+        pairs = [(round(i * teacher_layers / k), round(i * student_layers / k)) for i in range(1, k + 1)]
+    else:
+        pairs = parsed
+    out = []
+    for t, s in pairs:
+        for who, idx, n in (("teacher", t, teacher_layers), ("student", s, student_layers)):
+            if not -(n + 1) <= idx <= n:
+                raise ConfigError(
+                    f"feature.layers: {who} layer {idx} is out of range; the {who} has hidden_states "
+                    f"0..{n} (or -{n + 1}..-1)"
+                )
+        out.append((t % (teacher_layers + 1), s % (student_layers + 1)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading, overrides, dumping
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config groups at the top level")
+    return data
+
+
+def find_config_file(name: str) -> Path:
+    """A preset name (``demo``) or a path to a YAML file."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.resolve()
+    preset = PRESET_DIR / f"{name}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(f"{name}: no such config file or preset; presets are {', '.join(preset_names())}")
+
+
+def read_config_dict(name: str) -> dict:
+    """Read a config file as a nested dict, following ``extends: <preset or file>`` chains."""
+    path = find_config_file(name)
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent:
+        base = read_config_dict(parent)
+        # A file that extends another restates whole fields: its teacher.arch replaces the parent's.
+        return merge(base, data, depth=1)
+    return data
+
+
+def merge(base: dict, over: dict, depth: int | None = None) -> dict:
+    """Recursive dict merge; ``over`` wins. Below ``depth`` levels, values replace instead of merging.
+
+    Dotted overrides merge all the way down (``student.arch.hidden_size=48`` changes one field of the arch).
+    """
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and (depth is None or depth > 0):
+            out[key] = merge(out[key], value, None if depth is None else depth - 1)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["kd.weight=0.5", "feature.layers=uniform:2"]`` -> nested dict. Values are read as YAML scalars."""
+    nested: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides look like key=value (e.g. selection.k=16)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"{item}: empty key")
+        if ":" in raw and " " not in raw.strip() and not raw.strip().startswith(("[", "{")):
+            value = raw.strip()  # YAML 1.1 would read a layer pair such as 9:1 as the base-60 number 541
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is given both as a value and as a group")
+        node[parts[-1]] = value
+    return nested
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def valid_keys(cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += valid_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if number != int(number):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(number)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)  # also accepts "1e-3", which YAML 1.1 reads as a string
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if tp is dict:
+        if value is None or value == "":
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    types_ = _field_types(cls)
+    unknown = [k for k in data if k not in types_]
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        group_keys = valid_keys(cls, prefix)
+        raise ConfigError(f"{key}: unknown key; valid keys here are {', '.join(group_keys)}")
+    kwargs = {}
+    for name, tp in types_.items():
+        if name not in data:
+            continue
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name] or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", data[name], tp)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict) -> Config:
+    """Build and validate a Config; unknown keys fail with the valid ones listed."""
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    resolve_paths(cfg)
+    return cfg
+
+
+def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Preset name or YAML path, plus ``key=value`` overrides -> validated Config with absolute local paths."""
+    data = merge(read_config_dict(name), parse_overrides(list(overrides)))
+    return from_dict(data)
+
+
+def is_local_path(text: str) -> bool:
+    """Local paths start with / . ~ or exist; anything else (``org/name``) is read as a Hub name."""
+    return text.startswith(("/", ".", "~")) or os.path.exists(text)
+
+
+def resolve_paths(cfg: Config) -> None:
+    """Make local paths absolute (Ray workers change directory) and fill the default output folder."""
+
+    def absolute(text: str) -> str:
+        return str(Path(text).expanduser().resolve()) if text and is_local_path(text) else text
+
+    cfg.run.output_dir = absolute(cfg.run.output_dir or f"./flexkd-runs/{cfg.run.name}")
+    cfg.teacher.path = absolute(cfg.teacher.path)
+    cfg.teacher.base = absolute(cfg.teacher.base)
+    if cfg.teacher.tokenizer != "demo":
+        cfg.teacher.tokenizer = absolute(cfg.teacher.tokenizer)
+    cfg.student.path = absolute(cfg.student.path)
+    if cfg.data.source != "demo" and not cfg.data.source.startswith("demo:"):
+        cfg.data.source = absolute(cfg.data.source)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> dotted keys (dict-valued fields such as data.columns flatten too)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def key_docs() -> dict[str, str]:
+    """Dotted key -> its field docstring, read from this module's source (the text `flexkd show --keys` prints)."""
+    tree = ast.parse(inspect.getsource(inspect.getmodule(Config)))
+    docs_by_class: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            docs = {}
+            body = node.body
+            for stmt, nxt in zip(body, body[1:]):
+                if (
+                    isinstance(stmt, ast.AnnAssign)
+                    and isinstance(stmt.target, ast.Name)
+                    and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)
+                ):
+                    docs[stmt.target.id] = nxt.value.value
+            docs_by_class[node.name] = docs
+    out = {}
+    for group, tp in _field_types(Config).items():
+        for name in _field_types(tp):
+            out[f"{group}.{name}"] = docs_by_class.get(tp.__name__, {}).get(name, "")
+    return out

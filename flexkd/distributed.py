@@ -1,0 +1,39 @@
+"""The few collective operations the loop needs, on plain ``torch.distributed``.
+
+The loop never imports Ray: under Ray Train the process group already exists when ``train`` starts (Ray set
+it up), and in a plain process there is none, so every helper degrades to the single-process case.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a no-op in one process). Float64 sums stay float64 (gloo and NCCL both carry it)."""
+    if not is_distributed():
+        return tensor
+    backend = dist.get_backend()
+    # NCCL reduces only device tensors; gloo only host tensors.
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    work = tensor.detach().to(device).clone()
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    return work.to(tensor.device)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

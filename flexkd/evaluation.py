@@ -1,0 +1,129 @@
+"""Evaluation: accuracy and macro-F1 for classification; greedy decoding with ROUGE-L F1 and exact match for
+generation. Every metric is built from sums, so shards evaluated by several workers add up with one all-reduce.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from flexkd.config import Config
+from flexkd.data import collate, encode_prompt, reference_text
+from flexkd.distributed import all_reduce_sum, rank, world_size
+from flexkd.losses import task_loss
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def macro_f1(confusion: torch.Tensor) -> float:
+    """Macro-F1 from a (C, C) confusion matrix (rows: true class, columns: predicted).
+
+    A class absent from both truth and predictions is left out of the mean (its F1 is undefined).
+    """
+    tp = confusion.diag().double()
+    fp = confusion.sum(0).double() - tp
+    fn = confusion.sum(1).double() - tp
+    present = (tp + fp + fn) > 0
+    f1 = 2 * tp / (2 * tp + fp + fn).clamp_min(1)
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+_ROUGE = None
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 (rouge-score, no stemming)."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return _ROUGE.score(reference, prediction)["rougeL"].fmeasure
+
+
+def _shard(n: int) -> range:
+    return range(rank(), n, world_size())
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[dict], rows: list[dict], cfg: Config, tok, device, prefix: str) -> dict:
+    """Metrics of ``model`` on one split; ``examples`` are the encoded ``rows``. Sharded across ranks.
+
+    Returns ``{prefix/loss, prefix/accuracy, prefix/macro_f1}`` or ``{prefix/loss, prefix/rouge_l,
+    prefix/exact_match}``, plus ``prefix/examples``.
+    """
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    limit = cfg.eval.max_examples or len(examples)
+    mine = list(_shard(min(limit, len(examples))))
+    bs = cfg.eval.batch_size
+    loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of batch-mean losses x batch size, examples)
+    classification = cfg.data.task == "classification"
+    num_labels = getattr(net.config, "num_labels", 0)
+    confusion = torch.zeros(num_labels, num_labels, dtype=torch.float64) if classification else None
+    gen = torch.zeros(3, dtype=torch.float64)  # rouge-L sum, exact-match sum, examples
+    for start in range(0, len(mine), bs):
+        idx = mine[start : start + bs]
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], tok.pad_token_id).items()}
+        out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss_sum += torch.tensor(
+            [float(task_loss(out.logits, batch["labels"])) * len(idx), len(idx)], dtype=torch.float64
+        )
+        if classification:
+            pred = out.logits.argmax(-1).cpu()
+            for t, p in zip(batch["labels"].cpu().tolist(), pred.tolist()):
+                confusion[t, p] += 1
+        else:
+            texts = generate(
+                net,
+                [encode_prompt(rows[i], tok, cfg.data) for i in idx],
+                tok,
+                device,
+                cfg.eval.max_new_tokens,
+            )
+            for i, text in zip(idx, texts):
+                ref = reference_text(rows[i], cfg.data)
+                gen += torch.tensor(
+                    [rouge_l(text, ref), float(normalise(text) == normalise(ref)), 1.0], dtype=torch.float64
+                )
+    loss_sum = all_reduce_sum(loss_sum)
+    metrics = {
+        f"{prefix}/loss": float(loss_sum[0] / loss_sum[1].clamp_min(1)),
+        f"{prefix}/examples": int(loss_sum[1]),
+    }
+    if classification:
+        confusion = all_reduce_sum(confusion)
+        metrics[f"{prefix}/accuracy"] = float(confusion.diag().sum() / confusion.sum().clamp_min(1))
+        metrics[f"{prefix}/macro_f1"] = macro_f1(confusion)
+    else:
+        gen = all_reduce_sum(gen)
+        metrics[f"{prefix}/rouge_l"] = float(gen[0] / gen[2].clamp_min(1))
+        metrics[f"{prefix}/exact_match"] = float(gen[1] / gen[2].clamp_min(1))
+    net.train(was_training)
+    return metrics
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], tok, device, max_new_tokens: int) -> list[str]:
+    """Batched greedy decoding; prompts are left-padded so every row's continuation starts at the same column."""
+    width = max(len(p) for p in prompts)
+    pad = tok.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=attn,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=tok.eos_token_id,
+    )
+    return [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out.tolist()]

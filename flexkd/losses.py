@@ -1,0 +1,156 @@
+"""Losses: task cross-entropy, logit KD and feature alignment, as plain functions in explicit dicts.
+
+Shapes. Logits are (B, C) for classification or (B, T, V) for causal LMs; ``mask`` is a bool tensor of the
+leading dims, (B,) or (B, T), True where the position enters the loss. Hidden states are (B, T, d).
+Every loss returns a float32 scalar averaged over the masked rows; masked-out rows never reach it.
+
+All teacher inputs are detached inside the losses: gradients reach the student (and a projector) only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from flexkd.data import IGNORE
+
+EPS = 1e-8
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over labelled positions.
+
+    logits: (B, C) with labels (B,), or (B, T, V) with labels (B, T) holding IGNORE where unlabelled.
+    """
+    flat_logits = logits.flatten(0, -2).float()
+    flat_labels = labels.flatten()
+    if not (flat_labels != IGNORE).any():
+        return flat_logits.sum() * 0.0  # keeps the graph; no position to learn from in this micro-batch
+    return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logit KD. Each: (student_logits, teacher_logits, mask, temperature, skew) -> scalar; scaled by temperature**2
+# so that gradient magnitudes do not shrink as the temperature grows (Hinton et al. 2015).
+
+
+def _rows(student_logits, teacher_logits, mask, temperature):
+    s = F.log_softmax(student_logits[mask].float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits[mask].detach().float() / temperature, dim=-1)
+    return s, t
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row, from log-probabilities. (N, V) -> (N,)"""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _log_mix(log_p: torch.Tensor, log_q: torch.Tensor, a: float) -> torch.Tensor:
+    """log(a p + (1 - a) q), stably."""
+    return torch.logaddexp(log_p + math.log(a), log_q + math.log1p(-a))
+
+
+def _finish(per_row: torch.Tensor, temperature: float) -> torch.Tensor:
+    if per_row.numel() == 0:
+        return per_row.sum()
+    return per_row.mean() * temperature**2
+
+
+def kd_fkl(student_logits, teacher_logits, mask, temperature=1.0, skew=0.1):
+    """Forward KL(p_T || p_S): mean-seeking."""
+    s, t = _rows(student_logits, teacher_logits, mask, temperature)
+    return _finish(_kl(t, s), temperature)
+
+
+def kd_rkl(student_logits, teacher_logits, mask, temperature=1.0, skew=0.1):
+    """Reverse KL(p_S || p_T): mode-seeking (MiniLLM)."""
+    s, t = _rows(student_logits, teacher_logits, mask, temperature)
+    return _finish(_kl(s, t), temperature)
+
+
+def kd_skl(student_logits, teacher_logits, mask, temperature=1.0, skew=0.1):
+    """Skew KL(p_T || a p_T + (1 - a) p_S), a = ``skew`` (DistiLLM)."""
+    s, t = _rows(student_logits, teacher_logits, mask, temperature)
+    return _finish(_kl(t, _log_mix(t, s, skew)), temperature)
+
+
+def kd_srkl(student_logits, teacher_logits, mask, temperature=1.0, skew=0.1):
+    """Skew reverse KL(p_S || a p_S + (1 - a) p_T) (DistiLLM)."""
+    s, t = _rows(student_logits, teacher_logits, mask, temperature)
+    return _finish(_kl(s, _log_mix(s, t, skew)), temperature)
+
+
+def kd_jsd(student_logits, teacher_logits, mask, temperature=1.0, skew=0.1):
+    """Jensen-Shannon divergence: mean of KL to the midpoint from both sides."""
+    s, t = _rows(student_logits, teacher_logits, mask, temperature)
+    m = _log_mix(t, s, 0.5)
+    return _finish(0.5 * _kl(t, m) + 0.5 * _kl(s, m), temperature)
+
+
+def kd_none(student_logits, teacher_logits, mask, temperature=1.0, skew=0.1):
+    return student_logits.new_zeros((), dtype=torch.float32)
+
+
+KD_LOSSES = {"fkl": kd_fkl, "rkl": kd_rkl, "skl": kd_skl, "srkl": kd_srkl, "jsd": kd_jsd, "none": kd_none}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Feature losses. Each: (student_hidden (B, T, d_S), teacher_hidden (B, T, d_T), mask (B, T) bool,
+# units (k,) long teacher indices or None, projector nn.Module or None) -> scalar.
+# Student dim i is aligned with teacher unit units[i], for i < k.
+
+
+def _aligned(student_hidden, teacher_hidden, mask, units):
+    """(N, k) student and (N, k) detached teacher features at the masked positions, in float32."""
+    k = units.numel()
+    s = student_hidden[mask][:, :k].float()
+    t = teacher_hidden[mask][:, units].detach().float()
+    return s, t
+
+
+def pearson_correlations(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per-column Pearson correlation of two (N, k) matrices -> (k,). Zero-variance columns give 0."""
+    s = s - s.mean(0)
+    t = t - t.mean(0)
+    denom = torch.sqrt((s * s).sum(0) * (t * t).sum(0)).clamp_min(EPS)
+    return (s * t).sum(0) / denom
+
+
+def feature_pearson(student_hidden, teacher_hidden, mask, units, projector=None):
+    """Flex-KD: mean over aligned pairs of (1 - Pearson correlation over the batch's positions).
+
+    Invariant to a positive affine change of each student dim, so no projector is needed across hidden sizes.
+    """
+    s, t = _aligned(student_hidden, teacher_hidden, mask, units)
+    return (1.0 - pearson_correlations(s, t)).mean()
+
+
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(EPS)
+
+
+def feature_mse_std(student_hidden, teacher_hidden, mask, units, projector=None):
+    """MSE between per-dim standardised features; equals 2 * (1 - mean Pearson) up to the eps guards."""
+    s, t = _aligned(student_hidden, teacher_hidden, mask, units)
+    return F.mse_loss(_standardise(s), _standardise(t))
+
+
+def feature_projector(student_hidden, teacher_hidden, mask, units=None, projector=None):
+    """FitNets baseline: MSE between a learned linear map W h_S (d_S -> d_T) and h_T over all teacher units."""
+    weight_dtype = next(projector.parameters()).dtype
+    pred = projector(student_hidden[mask].to(weight_dtype))
+    return F.mse_loss(pred.float(), teacher_hidden[mask].detach().float())
+
+
+def feature_none(student_hidden, teacher_hidden, mask, units=None, projector=None):
+    return student_hidden.new_zeros((), dtype=torch.float32)
+
+
+FEATURE_LOSSES = {
+    "pearson": feature_pearson,
+    "mse_std": feature_mse_std,
+    "projector": feature_projector,
+    "none": feature_none,
+}

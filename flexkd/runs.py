@@ -1,0 +1,158 @@
+"""Whole runs in this process: distil, fine-tune the teacher, score only, evaluate a saved model.
+
+Each is what one `flexkd` subcommand does without Ray; the Ray paths (``tuning``) call the same ``train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+
+from flexkd import artifacts
+from flexkd.checks import check_teacher_recipe, preflight, teacher_ready
+from flexkd.config import Config, ConfigError, dump_yaml, uses_selection, uses_teacher
+from flexkd.reporting import LocalReporter
+
+log = logging.getLogger("flexkd")
+
+
+def teacher_recipe(cfg: Config) -> Config:
+    """The config that fine-tunes the teacher: plain SFT of teacher.base (or teacher.arch) on the same data."""
+    tokenizer = cfg.teacher.tokenizer or cfg.teacher.base
+    return dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(
+            cfg.run, name=f"{cfg.run.name}-teacher", output_dir=str(Path(cfg.teacher.path))
+        ),
+        # The SFT run reads its tokenizer through teacher.path and never loads a teacher model.
+        teacher=dataclasses.replace(cfg.teacher, path=tokenizer, auto_prepare=False),
+        student=dataclasses.replace(cfg.student, path=cfg.teacher.base, arch=dict(cfg.teacher.arch)),
+        kd=dataclasses.replace(cfg.kd, loss="none", weight=0.0),
+        feature=dataclasses.replace(cfg.feature, loss="none", weight=0.0),
+        task=dataclasses.replace(cfg.task, weight=1.0),
+        data=dataclasses.replace(cfg.data, max_train_examples=0),
+        optim=dataclasses.replace(cfg.optim, lr=cfg.teacher.lr),
+        train=dataclasses.replace(
+            cfg.train,
+            steps=cfg.teacher.steps,
+            batch_size=cfg.teacher.batch_size,
+            grad_accum=1,
+            eval_every=0,
+            checkpoint_every=0,
+        ),
+        scaling=dataclasses.replace(cfg.scaling, num_workers=0),
+    )
+
+
+def prepare_teacher(cfg: Config, quiet: bool = False) -> dict:
+    """`flexkd teacher`: fine-tune the teacher and save it as a Hugging Face folder at teacher.path.
+
+    Written to a staging folder and renamed at the end, so an interrupted fine-tune never leaves a
+    half-written teacher that a later run would take for a finished one.
+    """
+    from flexkd.train import train
+
+    check_teacher_recipe(cfg)
+    recipe = teacher_recipe(cfg)
+    dest = Path(cfg.teacher.path)
+    work = dest.with_name(dest.name + ".partial")
+    if work.exists():
+        shutil.rmtree(work)
+    log.info("fine-tuning the teacher into %s (%d steps)", dest, recipe.train.steps)
+    reporter = LocalReporter(work, recipe.train.steps, quiet=quiet)
+    metrics = train(recipe, reporter)
+    student = reporter.checkpoint_dir / artifacts.STUDENT
+    shutil.copytree(student, work / "model")
+    artifacts.write_metrics(work / "model", metrics)
+    (work / "model" / "flexkd_teacher.yaml").write_text(dump_yaml(recipe))
+    if dest.exists():
+        shutil.rmtree(dest)
+    (work / "model").rename(dest)
+    shutil.rmtree(work)
+    return metrics
+
+
+def ensure_teacher(cfg: Config, quiet: bool = False) -> None:
+    """Fine-tune the teacher first when the config asks for it and it is missing."""
+    if uses_teacher(cfg) and not teacher_ready(cfg):
+        if not cfg.teacher.auto_prepare:
+            raise ConfigError(f"teacher.path: {cfg.teacher.path} does not exist; run `flexkd teacher` first")
+        prepare_teacher(cfg, quiet=quiet)
+
+
+def distil(cfg: Config, quiet: bool = False, resume: bool = False) -> dict:
+    """`flexkd train` without Ray: checks, teacher if needed, the loop, then the artifacts into run.output_dir."""
+    from flexkd.train import train
+
+    preflight(cfg)
+    ensure_teacher(cfg, quiet=quiet)
+    out = Path(cfg.run.output_dir)
+    checkpoint = out / "checkpoints" / "latest"
+    resume_from = None
+    if resume:
+        if not (checkpoint / artifacts.TRAINER_STATE).exists():
+            raise ConfigError(f"--resume: no checkpoint at {checkpoint}")
+        resume_from = str(checkpoint)
+    elif (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()  # a fresh run replaces the old history; --resume extends it
+    reporter = LocalReporter(out, cfg.train.steps, quiet=quiet)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / artifacts.CONFIG).write_text(dump_yaml(cfg))
+    metrics = train(cfg, reporter, resume_from=resume_from)
+    artifacts.export(reporter.checkpoint_dir, out)
+    return metrics
+
+
+def score_only(cfg: Config) -> Path:
+    """`flexkd score`: score and select with the teacher, write ``run.output_dir/selection.json`` only."""
+    from flexkd.selection import save_selection
+    from flexkd.train import compute_selection, open_workbench, plan_layers, selection_meta
+
+    if not uses_selection(cfg):
+        raise ConfigError(
+            f"feature.loss: {cfg.feature.loss!r} selects no teacher units; scoring applies to pearson and mse_std"
+        )
+    preflight(cfg)
+    ensure_teacher(cfg)
+    bench = open_workbench(cfg, need_teacher=True)
+    if cfg.student.path:
+        from transformers import AutoConfig
+
+        student_config = AutoConfig.from_pretrained(cfg.student.path)
+    else:
+        from flexkd.models import config_from_arch
+
+        student_config = config_from_arch(
+            cfg.student.arch, bench.tok_s, cfg.data.task, bench.data.label_names, like=bench.teacher.config
+        )
+    layer_map, k = plan_layers(cfg, bench.teacher.config, student_config)
+    selections = compute_selection(bench, layer_map, k)
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / artifacts.SELECTION
+    save_selection(path, selections, selection_meta(cfg))
+    return path
+
+
+def evaluate_saved(cfg: Config, model_path: str, split: str) -> dict:
+    """`flexkd eval`: metrics of a saved model folder (a run's student/, or a teacher) on val or test."""
+    from flexkd.data import encode, load_task_data
+    from flexkd.evaluation import evaluate
+    from flexkd.models import load_pretrained, load_tokenizer
+    from flexkd.train import pick_device
+
+    if not Path(model_path, "config.json").is_file():
+        raise ConfigError(f"{model_path}: not a Hugging Face model folder (no config.json)")
+    data = load_task_data(cfg.data)
+    rows = {"val": data.val, "test": data.test, "train": data.train}[split]
+    if not rows:
+        raise ConfigError(
+            f"--split: the {split} split is empty for this config (see data.test_size / data.test_split)"
+        )
+    tok = load_tokenizer(model_path, cfg.data.task)
+    device = pick_device(cfg)
+    model = load_pretrained(model_path, cfg.data.task, data.label_names, tok).to(device)
+    examples = [encode(r, tok, cfg.data, data.label_names) for r in rows]
+    return evaluate(model, examples, rows, cfg, tok, device, split)

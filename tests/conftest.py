@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny models built from configs, tiny data, offline settings."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: no CUDA device on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def disk(tmp_path_factory):
+    """Tiny model folders and data files shared by the tests that load them by path."""
+    from flexkd import demo
+
+    from .fixtures import other_tokenizer, save_model, write_jsonl
+
+    root = tmp_path_factory.mktemp("disk")
+    rows = demo.make_split("train", "classification")[:300]
+    paths = {
+        "teacher_cls": save_model(root / "teacher_cls", "classification", hidden=32, layers=2),
+        "student_cls": save_model(root / "student_cls", "classification", hidden=16, layers=2, seed=1),
+        "student_other_tok": save_model(
+            root / "student_other_tok", "classification", 16, 2, tokenizer=other_tokenizer()
+        ),
+        "teacher_lm": save_model(root / "teacher_lm", "instruction", hidden=32, layers=2),
+        "student_lm": save_model(root / "student_lm", "instruction", hidden=16, layers=2, seed=1),
+        "reviews": write_jsonl(
+            root / "reviews.jsonl", [{"review": r["text"], "sentiment": r["label"]} for r in rows]
+        ),
+        "tiny_rows": write_jsonl(root / "tiny.jsonl", rows[:5]),
+        "empty": write_jsonl(root / "empty.jsonl", []),
+    }
+    return paths

@@ -1,0 +1,161 @@
+"""The `flexkd` console script: one entry point, one subcommand per verb.
+
+    flexkd show    CONFIG [key=value ...] [--keys] [--check]
+    flexkd teacher CONFIG [key=value ...]
+    flexkd train   CONFIG [key=value ...] [--resume]
+    flexkd score   CONFIG [key=value ...]
+    flexkd eval    CONFIG [key=value ...] --model DIR [--split val|test]
+
+CONFIG is a preset name (`flexkd show --presets` lists them) or a YAML file. Every check runs before
+anything heavy is imported or started; a bad input ends with one line naming the key or file, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from flexkd.config import ConfigError, dump_yaml, key_docs, load_config, preset_names
+
+EXIT_CONFIG = 2
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("flexkd: %(message)s"))
+    logger = logging.getLogger("flexkd")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def _print_json(metrics: dict) -> None:
+    print(json.dumps(metrics, indent=1, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Subcommands. Each takes the parsed args and returns an exit code.
+
+
+def cmd_show(args) -> int:
+    if args.presets:
+        print("\n".join(preset_names()))
+        return 0
+    if args.keys:
+        for key, doc in key_docs().items():
+            print(f"{key:28s} {doc}")
+        return 0
+    if not args.config:
+        raise ConfigError(
+            "CONFIG: give a preset name or a YAML file (flexkd show --presets lists the presets)"
+        )
+    cfg = load_config(args.config, args.overrides)
+    print(dump_yaml(cfg), end="")
+    if args.check:
+        from flexkd.checks import preflight
+
+        plan = preflight(cfg)
+        print(
+            f"# checks passed: teacher hidden {plan.teacher.hidden} x {plan.teacher.layers} layers, student hidden "
+            f"{plan.student.hidden} x {plan.student.layers} layers, layer map {plan.layer_map}, k {plan.k}",
+        )
+    return 0
+
+
+def cmd_teacher(args) -> int:
+    from flexkd.runs import prepare_teacher
+
+    cfg = load_config(args.config, args.overrides)
+    _print_json(prepare_teacher(cfg, quiet=args.quiet))
+    print(f"teacher saved to {cfg.teacher.path}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if cfg.scaling.num_workers >= 1:
+        from tuning.trainer import fit
+
+        metrics = fit(cfg, quiet=args.quiet, resume=args.resume)
+    else:
+        from flexkd.runs import distil
+
+        metrics = distil(cfg, quiet=args.quiet, resume=args.resume)
+    _print_json(metrics)
+    print(f"artifacts in {cfg.run.output_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from flexkd.runs import score_only
+
+    cfg = load_config(args.config, args.overrides)
+    print(score_only(cfg))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from flexkd.runs import evaluate_saved
+
+    cfg = load_config(args.config, args.overrides)
+    _print_json(evaluate_saved(cfg, args.model, args.split))
+    return 0
+
+
+COMMANDS = {
+    "show": (cmd_show, "print the resolved config (--check: also run the file-level checks)"),
+    "teacher": (cmd_teacher, "fine-tune the teacher on the task and save it at teacher.path"),
+    "train": (cmd_train, "distil the student (Ray Train when scaling.num_workers >= 1)"),
+    "score": (cmd_score, "score and select teacher units; write selection.json only"),
+    "eval": (cmd_eval, "evaluate a saved model folder on the config's val or test split"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexkd", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (fn, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", nargs="?" if name == "show" else None, help="preset name or YAML file")
+        p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. selection.k=16")
+        p.add_argument("--quiet", action="store_true", help="no progress lines")
+        p.set_defaults(fn=fn)
+        if name == "show":
+            p.add_argument("--keys", action="store_true", help="list every config key with its meaning")
+            p.add_argument("--presets", action="store_true", help="list the shipped presets")
+            p.add_argument("--check", action="store_true", help="also check models, tokenizers and data")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+        if name == "eval":
+            p.add_argument("--model", required=True, help="model folder, e.g. RUN/student")
+            p.add_argument("--split", default="test", choices=["val", "test", "train"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # key=value overrides may also come after options (`flexkd eval demo --model DIR eval.max_examples=40`).
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    _setup_logging(args.quiet)
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"flexkd: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print(
+            "flexkd: interrupted; checkpoints written so far are kept (flexkd train ... --resume)",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
