@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from flexkd.config import ConfigError, dump_yaml, key_docs, load_config, preset_names
@@ -23,6 +24,9 @@ EXIT_CONFIG = 2
 
 
 def _setup_logging(quiet: bool) -> None:
+    # Our progress lines say what is happening; the libraries' per-file progress bars only add noise.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("flexkd: %(message)s"))
     logger = logging.getLogger("flexkd")
