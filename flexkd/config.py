@@ -353,6 +353,10 @@ def validate(cfg: Config) -> None:
     _choice("scaling.strategy", cfg.scaling.strategy, ("ddp", "fsdp"))
     _at_least("scaling.cpus_per_worker", cfg.scaling.cpus_per_worker, 0)
     _at_least("scaling.max_failures", cfg.scaling.max_failures, 0)
+    if cfg.scaling.strategy == "fsdp" and cfg.feature.loss == "projector":
+        raise ConfigError(
+            "scaling.strategy: fsdp shards the student alone; the projector baseline (feature.loss=projector) needs ddp"
+        )
     shards = max(cfg.scaling.num_workers, 1) * cfg.train.grad_accum
     if cfg.train.batch_size % shards:
         raise ConfigError(
@@ -515,13 +519,19 @@ def parse_overrides(items: list[str]) -> dict:
                 value = yaml.safe_load(raw) if raw.strip() else ""
             except yaml.YAMLError:
                 value = raw
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{key}: {part} is given both as a value and as a group")
-        node[parts[-1]] = value
+        set_dotted(nested, key, value)
+    return nested
+
+
+def set_dotted(nested: dict, key: str, value: Any) -> dict:
+    """``set_dotted(d, "kd.weight", 0.5)`` sets ``d["kd"]["weight"]``, creating groups on the way."""
+    node = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is given both as a value and as a group")
+    node[parts[-1]] = value
     return nested
 
 
@@ -574,6 +584,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
+    if tp is list:
+        if value is None or value == "":
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return list(value)
     if tp is dict:
         if value is None or value == "":
             return {}
@@ -583,7 +599,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
-def _build(cls, data: dict, prefix: str):
+def build_dataclass(cls, data: dict, prefix: str = ""):
+    """A (nested) dataclass from a mapping; unknown keys fail naming the valid ones, values are coerced."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     types_ = _field_types(cls)
@@ -597,7 +614,7 @@ def _build(cls, data: dict, prefix: str):
         if name not in data:
             continue
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name] or {}, f"{prefix}{name}.")
+            kwargs[name] = build_dataclass(tp, data[name] or {}, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(f"{prefix}{name}", data[name], tp)
     return cls(**kwargs)
@@ -605,7 +622,7 @@ def _build(cls, data: dict, prefix: str):
 
 def from_dict(data: dict) -> Config:
     """Build and validate a Config; unknown keys fail with the valid ones listed."""
-    cfg = _build(Config, data, "")
+    cfg = build_dataclass(Config, data)
     validate(cfg)
     resolve_paths(cfg)
     return cfg

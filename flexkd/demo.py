@@ -16,6 +16,7 @@ Everything is deterministic in the seed, and the vocabulary is closed, so a word
 
 from __future__ import annotations
 
+import functools
 import random
 
 ASPECTS = [
@@ -110,8 +111,9 @@ def make_review(rng: random.Random) -> dict:
     }
 
 
+@functools.lru_cache(maxsize=8)
 def make_split(split: str, task: str, seed: int = 0) -> list[dict]:
-    """Rows of one split in the columns of ``task``; splits use disjoint seeds."""
+    """Rows of one split in the columns of ``task``; splits use disjoint seeds. Cached: treat as read-only."""
     offset = {"train": 0, "validation": 1, "test": 2}[split]
     rng = random.Random(seed * 10 + offset)
     rows = [make_review(rng) for _ in range(SIZES[split])]

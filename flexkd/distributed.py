@@ -34,6 +34,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return work.to(tensor.device)
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Is this an FSDP2 (``fully_shard``) module? Its parameters are DTensor shards then."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

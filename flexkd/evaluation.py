@@ -4,13 +4,14 @@ generation. Every metric is built from sums, so shards evaluated by several work
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 
 from flexkd.config import Config
 from flexkd.data import collate, encode_prompt, reference_text
-from flexkd.distributed import all_reduce_sum, rank, world_size
+from flexkd.distributed import all_reduce_sum, is_sharded, rank, world_size
 from flexkd.losses import task_loss
 
 
@@ -62,38 +63,41 @@ def evaluate(model, examples: list[dict], rows: list[dict], cfg: Config, tok, de
     net = unwrap(model)
     was_training = net.training
     net.eval()
-    limit = cfg.eval.max_examples or len(examples)
-    mine = list(_shard(min(limit, len(examples))))
+    total = min(cfg.eval.max_examples or len(examples), len(examples))
+    mine = list(_shard(total))
     bs = cfg.eval.batch_size
-    loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of batch-mean losses x batch size, examples)
     classification = cfg.data.task == "classification"
     num_labels = getattr(net.config, "num_labels", 0)
+    loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of batch-mean losses x batch size, examples)
     confusion = torch.zeros(num_labels, num_labels, dtype=torch.float64) if classification else None
     gen = torch.zeros(3, dtype=torch.float64)  # rouge-L sum, exact-match sum, examples
-    for start in range(0, len(mine), bs):
-        idx = mine[start : start + bs]
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], tok.pad_token_id).items()}
+    # Under FSDP every forward is a collective: all ranks run as many batches as the largest shard (rank 0's);
+    # a rank that has run out repeats example 0 and ignores it, and decoding keeps ranks in step (synced).
+    sharded = is_sharded(model)
+    batches = math.ceil(len(range(0, total, world_size())) / bs) if sharded else math.ceil(len(mine) / bs)
+    for b in range(batches):
+        idx = mine[b * bs : (b + 1) * bs]
+        counted = bool(idx)
+        batch = {
+            k: v.to(device) for k, v in collate([examples[i] for i in idx or [0]], tok.pad_token_id).items()
+        }
         out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss_sum += torch.tensor(
-            [float(task_loss(out.logits, batch["labels"])) * len(idx), len(idx)], dtype=torch.float64
+        prompts = [] if classification else [encode_prompt(rows[i], tok, cfg.data) for i in idx or [0]]
+        texts = (
+            generate(net, prompts, tok, device, cfg.eval.max_new_tokens, synced=sharded) if prompts else []
         )
+        if not counted:
+            continue
+        loss = float(task_loss(out.logits, batch["labels"]))
+        loss_sum += torch.tensor([loss * len(idx), len(idx)], dtype=torch.float64)
         if classification:
             pred = out.logits.argmax(-1).cpu()
             for t, p in zip(batch["labels"].cpu().tolist(), pred.tolist()):
                 confusion[t, p] += 1
-        else:
-            texts = generate(
-                net,
-                [encode_prompt(rows[i], tok, cfg.data) for i in idx],
-                tok,
-                device,
-                cfg.eval.max_new_tokens,
-            )
-            for i, text in zip(idx, texts):
-                ref = reference_text(rows[i], cfg.data)
-                gen += torch.tensor(
-                    [rouge_l(text, ref), float(normalise(text) == normalise(ref)), 1.0], dtype=torch.float64
-                )
+        for i, text in zip(idx, texts):
+            ref = reference_text(rows[i], cfg.data)
+            hit = float(normalise(text) == normalise(ref))
+            gen += torch.tensor([rouge_l(text, ref), hit, 1.0], dtype=torch.float64)
     loss_sum = all_reduce_sum(loss_sum)
     metrics = {
         f"{prefix}/loss": float(loss_sum[0] / loss_sum[1].clamp_min(1)),
@@ -112,8 +116,13 @@ def evaluate(model, examples: list[dict], rows: list[dict], cfg: Config, tok, de
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], tok, device, max_new_tokens: int) -> list[str]:
-    """Batched greedy decoding; prompts are left-padded so every row's continuation starts at the same column."""
+def generate(
+    model, prompts: list[list[int]], tok, device, max_new_tokens: int, synced: bool = False
+) -> list[str]:
+    """Batched greedy decoding; prompts are left-padded so every row's continuation starts at the same column.
+
+    synced: keep decoding until every rank is done (under FSDP each step's forward is a collective).
+    """
     width = max(len(p) for p in prompts)
     pad = tok.pad_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
@@ -125,5 +134,6 @@ def generate(model, prompts: list[list[int]], tok, device, max_new_tokens: int) 
         do_sample=False,
         pad_token_id=pad,
         eos_token_id=tok.eos_token_id,
+        synced_gpus=synced,
     )
     return [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out.tolist()]

@@ -68,13 +68,20 @@ class LocalReporter:
         self.progress = None if quiet else ProgressLine(total_steps)
         self.latest: Path | None = None
         self.history: list[tuple[int, dict]] = []
+        # A resumed run repeats the steps between its checkpoint and the interruption: keep the first report.
+        self.last_step = max((json.loads(line)["step"] for line in self._lines()), default=0)
+
+    def _lines(self) -> list[str]:
+        path = self.out / "metrics.jsonl"
+        return [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.out / "checkpoints" / "latest"
 
     def __call__(self, metrics: dict, step: int, checkpoint: str | None = None) -> None:
-        if metrics:
+        if metrics and step > self.last_step:
+            self.last_step = step
             self.history.append((step, dict(metrics)))
             with (self.out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")

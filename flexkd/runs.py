@@ -107,28 +107,26 @@ def distil(cfg: Config, quiet: bool = False, resume: bool = False) -> dict:
 
 def score_only(cfg: Config) -> Path:
     """`flexkd score`: score and select with the teacher, write ``run.output_dir/selection.json`` only."""
-    from flexkd.selection import save_selection
-    from flexkd.train import compute_selection, open_workbench, plan_layers, selection_meta
+    from flexkd.train import score_and_select
 
+    check_scoring(cfg)
+    selections, _ = score_and_select(cfg)
+    return write_selection(cfg, selections)
+
+
+def check_scoring(cfg: Config) -> None:
     if not uses_selection(cfg):
         raise ConfigError(
             f"feature.loss: {cfg.feature.loss!r} selects no teacher units; scoring applies to pearson and mse_std"
         )
     preflight(cfg)
     ensure_teacher(cfg)
-    bench = open_workbench(cfg, need_teacher=True)
-    if cfg.student.path:
-        from transformers import AutoConfig
 
-        student_config = AutoConfig.from_pretrained(cfg.student.path)
-    else:
-        from flexkd.models import config_from_arch
 
-        student_config = config_from_arch(
-            cfg.student.arch, bench.tok_s, cfg.data.task, bench.data.label_names, like=bench.teacher.config
-        )
-    layer_map, k = plan_layers(cfg, bench.teacher.config, student_config)
-    selections = compute_selection(bench, layer_map, k)
+def write_selection(cfg: Config, selections) -> Path:
+    from flexkd.selection import save_selection
+    from flexkd.train import selection_meta
+
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / artifacts.SELECTION

@@ -13,6 +13,8 @@ owns it afterwards (moves, uploads or deletes it).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import tempfile
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from transformers import AutoConfig, get_scheduler
@@ -45,25 +48,35 @@ from flexkd.data import (
     shard_batches,
     step_indices,
 )
-from flexkd.distributed import all_reduce_sum, is_distributed, rank, world_size
+from flexkd.distributed import all_reduce_sum, is_distributed, is_sharded, rank, world_size
 from flexkd.evaluation import evaluate, unwrap
 from flexkd.losses import FEATURE_LOSSES, KD_LOSSES, task_loss
 from flexkd.models import (
     build_student,
+    config_from_arch,
     hidden_size,
     load_teacher,
     num_layers,
     student_tokenizer,
     teacher_tokenizer,
 )
-from flexkd.scoring import ScoreSet, score_units
+from flexkd.scoring import ScoreSet, UnitScores, score_units
 from flexkd.selection import LayerSelection, load_selection, save_selection, select
 
 log = logging.getLogger("flexkd")
 Report = Callable[..., None]
-# A score cache: (key material, compute) -> ScoreSet. Sweeps pass one so trials with the same teacher and
-# scoring settings score once (tuning.cache); None scores every time.
-ScoreCache = Callable[[dict, Callable[[], ScoreSet]], ScoreSet]
+
+
+class ScoreCache(Protocol):
+    """Where scores persist between runs (tuning.cache.ScoreCache); None scores every time."""
+
+    def key(self, material: dict) -> str: ...
+
+    def lock(self, key: str) -> contextlib.AbstractContextManager: ...
+
+    def load(self, key: str) -> ScoreSet | None: ...
+
+    def save(self, key: str, scores: ScoreSet) -> None: ...
 
 
 def null_report(metrics: dict, step: int, checkpoint: str | None = None) -> None:
@@ -92,6 +105,7 @@ class Workbench:
     teacher: torch.nn.Module | None
     teacher_config: object | None  # read even when the teacher's weights are not (a student arch copies it)
     device: torch.device
+    scoring_seconds: float | None = None  # set when this process ran a scoring pass (not a cache hit)
 
     def encode_rows(self, rows: list[dict]) -> list[dict]:
         """Encode with the student's tokenizer; add the teacher's ids when its tokenizer differs (same splits)."""
@@ -131,16 +145,13 @@ def open_workbench(cfg: Config, need_teacher: bool) -> Workbench:
     return Workbench(cfg, tok_t, tok_s, data, teacher, teacher_config, device)
 
 
-def compute_selection(
-    bench: Workbench, layer_map: list[tuple[int, int]], k: int, cache: ScoreCache | None = None
-) -> list[LayerSelection]:
-    """Score the teacher's mapped layers on the scoring set (sharded over ranks, sums all-reduced), then select.
+def compute_scores(bench: Workbench, teacher_layers: list[int], cache: ScoreCache | None = None) -> ScoreSet:
+    """Score the teacher's ``teacher_layers`` on the scoring set, sharded over ranks, sums all-reduced.
 
     Shards are whole scoring batches dealt round-robin, so N workers reproduce one worker's scores.
     """
     cfg = bench.cfg
     rows = bench.data.scoring_set(cfg.scoring.num_examples, cfg.data.split_seed)
-    teacher_layers = sorted({t for t, _ in layer_map})
     dim = hidden_size(bench.teacher.config)
 
     def compute() -> ScoreSet:
@@ -148,30 +159,63 @@ def compute_selection(
         mine = shard_batches(len(examples), cfg.scoring.batch_size, rank(), world_size())
         start = time.perf_counter()
         scores = score_units(
-            bench.teacher,
-            (bench.batch([examples[i] for i in r]) for r in mine),
-            teacher_layers,
-            dim,
+            bench.teacher, (bench.batch([examples[i] for i in r]) for r in mine), teacher_layers, dim
         )
         if is_distributed():
             scores = scores.unflatten(all_reduce_sum(scores.flatten()))
-        log.info(
-            "scored %d examples (%d tokens) in %.1fs",
-            scores.examples,
-            next(iter(scores.layers.values())).tokens,
-            time.perf_counter() - start,
-        )
+        tokens = next(iter(scores.layers.values())).tokens
+        bench.scoring_seconds = time.perf_counter() - start
+        log.info("scored %d examples (%d tokens) in %.1fs", scores.examples, tokens, bench.scoring_seconds)
         return scores
 
+    if cache is None:
+        return compute()
+    # What the scores depend on: the teacher (the cache fingerprints its files), the scoring rows
+    # themselves, how they are tokenised, the batch cut and the layers.
     key = {
         "teacher": cfg.teacher.path,
-        "data": {k: v for k, v in vars(cfg.data).items() if k not in ("val_size", "test_size", "template")},
-        "scoring_rows": len(rows),
+        "rows": hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest(),
+        "tokenization": [cfg.data.task, cfg.data.template, cfg.data.max_length, cfg.data.max_response_length],
         "batch_size": cfg.scoring.batch_size,
         "layers": teacher_layers,
     }
-    scores = cache(key, compute) if cache is not None else compute()
+    key = cache.key(key)
+    # Rank 0 alone locks and reads (the other ranks could not wait on the lock and still join the collective
+    # scoring pass); one all-reduce tells every rank whether it hit, another carries the hit's sums.
+    with cache.lock(key) if rank() == 0 else contextlib.nullcontext():
+        found = cache.load(key) if rank() == 0 else None
+        hit = all_reduce_sum(torch.tensor([1.0 if found is not None else 0.0], dtype=torch.float64))
+        if hit.item() > 0:
+            layout = ScoreSet({layer: UnitScores.zeros(layer, dim) for layer in teacher_layers})
+            flat = found.flatten() if found is not None else torch.zeros_like(layout.flatten())
+            return layout.unflatten(all_reduce_sum(flat))
+        scores = compute()
+        if rank() == 0:
+            cache.save(key, scores)
+        return scores
+
+
+def compute_selection(
+    bench: Workbench, layer_map: list[tuple[int, int]], k: int, cache: ScoreCache | None = None
+) -> list[LayerSelection]:
+    """Score the mapped teacher layers, then pick k units per pair (``selection.strategy``)."""
+    cfg = bench.cfg
+    scores = compute_scores(bench, sorted({t for t, _ in layer_map}), cache)
     return select(scores, layer_map, cfg.selection.strategy, cfg.scoring.method, k, cfg.run.seed)
+
+
+def score_and_select(cfg: Config) -> tuple[list[LayerSelection], ScoreSet]:
+    """What `flexkd score` computes (on every rank when distributed): the scores and the selection."""
+    bench = open_workbench(cfg, need_teacher=True)
+    if cfg.student.path:
+        student_config = AutoConfig.from_pretrained(cfg.student.path)
+    else:
+        student_config = config_from_arch(
+            cfg.student.arch, bench.tok_s, cfg.data.task, bench.data.label_names, like=bench.teacher_config
+        )
+    layer_map, k = plan_layers(cfg, bench.teacher_config, student_config)
+    scores = compute_scores(bench, sorted({t for t, _ in layer_map}))
+    return select(scores, layer_map, cfg.selection.strategy, cfg.scoring.method, k, cfg.run.seed), scores
 
 
 def selection_meta(cfg: Config) -> dict:
@@ -206,16 +250,19 @@ def train(
     *,
     resume_from: str | None = None,
     score_cache: ScoreCache | None = None,
-    quiet_through_step: int = -1,
 ) -> dict:
     """Distil (or, with no teacher term, fine-tune) the student; return the final metrics.
 
     resume_from: a checkpoint folder; training continues after its step with its selection (never rescored).
-    quiet_through_step: metrics of steps up to this one were already reported by an earlier attempt of this
-    run; they are recomputed after a resume but not reported twice (reports still happen, checkpoints too,
-    so every rank keeps calling ``report`` the same number of times).
+    A resumed run reports the steps after the checkpoint again, with the same values (the data order is a
+    function of the step); consumers keep the first report of each step.
+
+    Besides ``train/``, ``val/``, ``test/`` and ``perf/`` metrics, the first report after a scoring pass
+    carries ``event/scored_s`` (its seconds; ``event/scores_cached`` when the cache had them) and the first after
+    a resume ``event/resumed_from_step``.
     """
     # --- setup ---------------------------------------------------------------------------------------
+    entered = time.perf_counter()
     torch.manual_seed(cfg.run.seed)
     need_teacher = uses_teacher(cfg)
     bench = open_workbench(cfg, need_teacher)
@@ -258,12 +305,17 @@ def train(
 
     # --- score and select (once; a resumed run reads the selection from its checkpoint) ------------------
     selections: list[LayerSelection] = []
+    events: dict[str, float] = {}  # one-off facts, sent with the next report
     if uses_selection(cfg):
         if resume_from:
             selections, _ = load_selection(Path(resume_from, artifacts.SELECTION))
             log.info("selection restored from the checkpoint (not rescored)")
         else:
             selections = compute_selection(bench, layer_map, k, score_cache)
+            if bench.scoring_seconds is not None:
+                events["event/scored_s"] = bench.scoring_seconds
+            else:
+                events["event/scores_cached"] = 1.0
     units = [torch.tensor(s.indices, device=device) for s in selections] or [None] * len(layer_map)
 
     # --- wrap for data parallelism (the student only: the teacher has no gradients to synchronise) ---------
@@ -292,10 +344,10 @@ def train(
     start_step = 0
     if resume_from:
         state = torch.load(Path(resume_from, artifacts.TRAINER_STATE), map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
         start_step = state["step"]
+        events["event/resumed_from_step"] = start_step
         log.info("resumed at step %d of %d", start_step, cfg.train.steps)
 
     kd_fn = KD_LOSSES[cfg.kd.loss]
@@ -355,14 +407,13 @@ def train(
     window_start = time.perf_counter()
     final_metrics: dict = {}
 
-    def say(metrics: dict, step: int, checkpoint: str | None = None):
-        if step <= quiet_through_step and checkpoint is None:
-            metrics = {}  # already reported by an earlier attempt of this run; keep the call count equal
-        report(metrics, step, checkpoint)
-
+    loop_started = time.perf_counter()
     for step in range(start_step + 1, cfg.train.steps + 1):
         # --- one optimiser step over the global batch: this rank's micro-batches, gradients accumulated ---
         indices = step_indices(step - 1, cfg.train.batch_size, n_train, cfg.run.seed)
+        # Dropout draws from a generator seeded by (seed, step, rank): a resumed run, on any rank, repeats
+        # the draws of the run it continues without saving RNG states.
+        torch.manual_seed((cfg.run.seed * 1_000_003 + step) * 1009 + me)
         for a, micro in enumerate(micro_batches(indices, me, world, accum)):
             batch = bench.batch([train_examples[i] for i in micro])
             # DDP averages gradients on every backward; only the last micro-batch needs to.
@@ -415,8 +466,12 @@ def train(
         checkpoint = None
         if ckpt_now:
             if last:
-                final_metrics = {k: v for k, v in metrics.items() if not k.startswith("perf/")}
+                final_metrics = {k: v for k, v in metrics.items() if not k.startswith(("perf/", "event/"))}
                 final_metrics["step"] = step
+                # Where this process's time went: set-up (data, models, scoring) and the steps with evaluation.
+                final_metrics["perf/setup_s"] = loop_started - entered
+                final_metrics["perf/loop_s"] = time.perf_counter() - loop_started
+            states = full_states(model, optimizer)  # every rank: under FSDP this is a gather
             if me == 0:
                 checkpoint = save_checkpoint(
                     cfg,
@@ -424,15 +479,15 @@ def train(
                     bench.tok_s,
                     projector,
                     selections,
-                    optimizer,
+                    states,
                     scheduler,
                     step,
                     final_metrics if last else None,
                 )
-            else:
-                gather_for_save(model, cfg)
         if log_now or eval_now or ckpt_now:  # the same steps on every rank
-            say(metrics, step, checkpoint)
+            metrics.update(events)
+            events.clear()
+            report(metrics, step, checkpoint)
     return final_metrics
 
 
@@ -455,26 +510,40 @@ def wrap_distributed(student: torch.nn.Module, cfg: Config, device: torch.device
     return student
 
 
-def _full_state_dict(model: torch.nn.Module, cfg: Config) -> dict | None:
-    """A full (unsharded) state dict on rank 0; with FSDP every rank must take part in the gather."""
-    if cfg.scaling.strategy == "fsdp" and world_size() > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def full_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict]:
+    """(model state or None for "the module's own", optimizer state), both unsharded.
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return None
+    Under FSDP this gathers shards: a collective that every rank must join, even though only rank 0 saves.
+    """
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return None, optimizer.state_dict()
 
 
-def gather_for_save(model: torch.nn.Module, cfg: Config) -> None:
-    """What non-zero ranks do while rank 0 saves: join the FSDP gather, if there is one."""
-    _full_state_dict(model, cfg)
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load an unsharded optimizer state (as saved by ``save_checkpoint``), resharding it under FSDP."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
 
 
-def save_checkpoint(cfg, model, tok, projector, selections, optimizer, scheduler, step, final_metrics) -> str:
-    """Write a checkpoint folder (layout in flexkd.artifacts) and return its path; the caller owns it."""
+def save_checkpoint(
+    cfg, model, tok, projector, selections, states: tuple[dict | None, dict], scheduler, step, final_metrics
+) -> str:
+    """Write a checkpoint folder (layout in flexkd.artifacts) and return its path; the caller owns it.
+
+    ``states`` is ``full_states(model, optimizer)``, gathered beforehand on every rank.
+    """
     folder = Path(tempfile.mkdtemp(prefix=f"flexkd-ckpt-{step:06d}-"))
-    net = unwrap(model)
-    state = _full_state_dict(model, cfg)
-    net.save_pretrained(folder / artifacts.STUDENT, state_dict=state)
+    model_state, optimizer_state = states
+    unwrap(model).save_pretrained(folder / artifacts.STUDENT, state_dict=model_state)
     tok.save_pretrained(folder / artifacts.STUDENT)
     if projector is not None:
         torch.save(unwrap(projector).state_dict(), folder / artifacts.PROJECTOR)
@@ -483,10 +552,9 @@ def save_checkpoint(cfg, model, tok, projector, selections, optimizer, scheduler
     (folder / artifacts.CONFIG).write_text(dump_yaml(cfg))
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "step": step,
-            "rng": torch.get_rng_state(),
         },
         folder / artifacts.TRAINER_STATE,
     )

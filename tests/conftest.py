@@ -46,3 +46,19 @@ def disk(tmp_path_factory):
         "empty": write_jsonl(root / "empty.jsonl", []),
     }
     return paths
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One private local Ray cluster for every Ray test (address='local': never a stranger's cluster).
+
+    4 logical CPUs on a 2-core machine: a trial driver plus two Train workers fit at once. Shut down at the
+    end of the session, which ends only the processes this cluster started.
+    """
+    import ray
+
+    from tuning.session import start_ray
+
+    start_ray(num_cpus=4, quiet=True)
+    yield ray
+    ray.shutdown()

@@ -210,3 +210,28 @@ def test_cli_teacher_train_score_eval(tmp_path, monkeypatch, capsys):
     )
     result = json.loads(capsys.readouterr().out)
     assert result["test/examples"] == 40 and 0 <= result["test/accuracy"] <= 1
+
+
+def test_a_second_run_with_the_same_scoring_settings_does_not_rescore(disk, tmp_path):
+    from tuning.cache import ScoreCache
+
+    cache = ScoreCache(str(tmp_path / "cache"))
+    cfg = demo_cfg(disk, tmp_path, "train.steps=4", "train.eval_every=0")
+    events = []
+    report = lambda m, s, c=None: events.extend(k for k in m if k.startswith("event/"))  # noqa: E731
+    train(cfg, report, score_cache=cache)
+    # Another trial: other loss weights and learning rate, same teacher and scoring settings.
+    other = demo_cfg(
+        disk,
+        tmp_path,
+        "train.steps=4",
+        "train.eval_every=0",
+        "kd.weight=0.3",
+        "optim.lr=1e-3",
+        "selection.strategy=variance",
+    )
+    train(other, report, score_cache=cache)
+    assert events == ["event/scored_s", "event/scores_cached"]
+    assert (cache.hits, cache.misses) == (1, 1)
+    train(demo_cfg(disk, tmp_path, "train.steps=4", "scoring.batch_size=4"), report, score_cache=cache)
+    assert events[-1] == "event/scored_s" and cache.misses == 2

@@ -5,6 +5,8 @@
     flexkd train   CONFIG [key=value ...] [--resume]
     flexkd score   CONFIG [key=value ...]
     flexkd eval    CONFIG [key=value ...] --model DIR [--split val|test]
+    flexkd sweep   SWEEP  [key=value ...] [--dry-run] [--resume]
+    flexkd submit  SWEEP  [key=value ...] --address URL [--wait] [--dry-run]
 
 CONFIG is a preset name (`flexkd show --presets` lists them) or a YAML file. Every check runs before
 anything heavy is imported or started; a bad input ends with one line naming the key or file, exit code 2.
@@ -93,10 +95,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from flexkd.runs import score_only
-
     cfg = load_config(args.config, args.overrides)
-    print(score_only(cfg))
+    if cfg.scaling.num_workers >= 1:
+        from tuning.trainer import score
+
+        path, _ = score(cfg, quiet=args.quiet)
+    else:
+        from flexkd.runs import score_only
+
+        path = score_only(cfg)
+    print(path)
     return 0
 
 
@@ -108,12 +116,55 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from tuning.space import check_space_files, describe, load_sweep
+
+    spec, raw = load_sweep(args.config, args.overrides)
+    if args.dry_run:
+        check_space_files(spec)
+        print(describe(spec))
+        return 0
+    from tuning.sweep import run_sweep
+
+    summary = run_sweep(spec, raw, resume=args.resume, quiet=args.quiet)
+    return 0 if "best" in summary else 1
+
+
+def cmd_submit(args) -> int:
+    from tuning.submit import build_request, show, submit
+
+    request = build_request(
+        args.config,
+        args.overrides,
+        tracking_uri=args.tracking_uri,
+        env=args.env,
+        pip=args.pip,
+        working_dir=args.working_dir,
+        resume=args.resume,
+    )
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if args.dry_run:
+        print(f"POST {address or '<--address>'}/api/jobs/")
+        print(show(request))
+        return 0
+    if not address:
+        raise ConfigError(
+            "--address: give the cluster's job server, e.g. http://127.0.0.1:8265 (or set RAY_ADDRESS)"
+        )
+    return submit(request, address, wait=args.wait)
+
+
 COMMANDS = {
     "show": (cmd_show, "print the resolved config (--check: also run the file-level checks)"),
     "teacher": (cmd_teacher, "fine-tune the teacher on the task and save it at teacher.path"),
     "train": (cmd_train, "distil the student (Ray Train when scaling.num_workers >= 1)"),
-    "score": (cmd_score, "score and select teacher units; write selection.json only"),
+    "score": (
+        cmd_score,
+        "score and select teacher units; write selection.json only (sharded on Ray when scaling.num_workers >= 1)",
+    ),
     "eval": (cmd_eval, "evaluate a saved model folder on the config's val or test split"),
+    "sweep": (cmd_sweep, "search with Ray Tune + Optuna; every trial and the best students in MLflow"),
+    "submit": (cmd_submit, "run a sweep on a Ray cluster as a Ray job (Jobs SDK)"),
 }
 
 
@@ -122,7 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (fn, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("config", nargs="?" if name == "show" else None, help="preset name or YAML file")
+        what = (
+            "sweep file or shipped sweep (quickstart, comparison)"
+            if name in ("sweep", "submit")
+            else "preset name or YAML file"
+        )
+        p.add_argument("config", nargs="?" if name == "show" else None, help=what)
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. selection.k=16")
         p.add_argument("--quiet", action="store_true", help="no progress lines")
         p.set_defaults(fn=fn)
@@ -132,6 +188,45 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--check", action="store_true", help="also check models, tokenizers and data")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+        if name == "sweep":
+            p.add_argument(
+                "--dry-run", action="store_true", help="print the resolved space, resources and concurrency"
+            )
+            p.add_argument("--resume", action="store_true", help="continue the newest sweep of this name")
+        if name == "submit":
+            p.add_argument(
+                "--address",
+                help="the cluster's job server, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)",
+            )
+            p.add_argument(
+                "--wait",
+                action="store_true",
+                help="stream the job's logs until it ends; exit with its status",
+            )
+            p.add_argument(
+                "--dry-run", action="store_true", help="print the request (secrets masked) and send nothing"
+            )
+            p.add_argument(
+                "--tracking-uri", help="MLflow server the job records to (default: MLFLOW_TRACKING_URI)"
+            )
+            p.add_argument(
+                "--env",
+                action="append",
+                default=[],
+                metavar="NAME[=VALUE]",
+                help="environment variable for the job (repeatable)",
+            )
+            p.add_argument(
+                "--pip",
+                action="append",
+                default=[],
+                metavar="REQUIREMENT",
+                help="pip requirement for the job's runtime_env (repeatable)",
+            )
+            p.add_argument("--working-dir", help="source tree to upload (default: this checkout)")
+            p.add_argument(
+                "--resume", action="store_true", help="the job continues the newest sweep of this name"
+            )
         if name == "eval":
             p.add_argument("--model", required=True, help="model folder, e.g. RUN/student")
             p.add_argument("--split", default="test", choices=["val", "test", "train"])
