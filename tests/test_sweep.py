@@ -1,0 +1,314 @@
+"""Sweeps: a real Ray Tune + Optuna sweep on local Ray, ASHA, a real SQLite MLflow store, the registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from flexkd import demo
+from flexkd.config import ConfigError, load_config
+from tuning import tracking
+from tuning.space import DefineByRun, describe, load_sweep, parse_space, trial_overrides
+
+
+def write_sweep(path: Path, **fields) -> Path:
+    path.write_text(yaml.safe_dump(fields, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sweep file, without Ray
+
+
+def test_shipped_sweeps_validate_and_dry_run(capsys):
+    from tuning.cli import main
+
+    for name in ("quickstart", "comparison"):
+        spec, _ = load_sweep(name)
+        assert spec.trials >= 3 and parse_space(spec.space)
+        assert main(["sweep", name, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "feature.weight: loguniform [0.3, 10.0]  when {'method': ['flexkd']}" in out
+    assert "2 at a time" in out
+
+
+def test_space_covers_the_mission_dimensions():
+    spec, _ = load_sweep("quickstart")
+    keys = {k for p in parse_space(spec.space) for k in ([p.name] if p.kind != "bundles" else [])}
+    for key in (
+        "feature.layers",
+        "selection.k",
+        "selection.strategy",
+        "feature.weight",
+        "kd.weight",
+        "kd.temperature",
+        "kd.loss",
+        "scoring.batch_size",
+        "scoring.method",
+        "optim.lr",
+        "train.steps",
+    ):
+        assert key in keys, key
+
+
+@pytest.mark.parametrize(
+    "space,expected",
+    [
+        ({"kd.wieght": {"uniform": [0, 1]}}, "space.kd.wieght: 'kd.wieght' is not a run-config key"),
+        (
+            {"kd.loss": {"choice": ["fkl", "kl"]}},
+            "space.kd.loss: {'kd.loss': 'kl'}: kd.loss: unknown value 'kl'",
+        ),
+        ({"feature.weight": {"loguniform": [0, 1]}}, "space.feature.weight.loguniform: bad bounds"),
+        (
+            {"selection.k": {"choice": [8]}, "x": {"choice": [1], "when": {"y": [1]}}},
+            "space.x.when: 'y' is not a parameter",
+        ),
+        (
+            {"m": {"bundles": {"a": {"feature.layers": "99:1"}}}},
+            "space.m: {'feature.layers': '99:1'}: feature.layers: teacher layer 99",
+        ),
+        (
+            {"selection.k": {"choice": [16, 4096]}},
+            "space.selection.k: {'selection.k': 4096}: selection.k: 4096 is out of range",
+        ),
+    ],
+)
+def test_bad_spaces_fail_before_ray(tmp_path, disk, space, expected):
+    from tuning.space import check_space_files
+
+    path = write_sweep(
+        tmp_path / "s.yaml", base="demo", space=space, overrides=[f"teacher.path={disk['teacher_cls']}"]
+    )
+    with pytest.raises(ConfigError) as err:
+        spec, _ = load_sweep(str(path))
+        check_space_files(spec)  # the file-level checks: run by `flexkd sweep` (and --dry-run) before Ray
+    assert expected in str(err.value)
+
+
+def test_define_by_run_samples_conditional_parameters_only_when_they_apply():
+    import optuna
+
+    spec, _ = load_sweep("quickstart")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = DefineByRun(spec.space)
+    for _ in range(30):
+        trial = study.ask()
+        space(trial)
+        method = trial.params["method"]
+        assert ("feature.weight" in trial.params) == (method == "flexkd")
+        assert ("kd.weight" in trial.params) == (method in ("logit_kd", "flexkd"))
+        over = trial_overrides(spec, trial.params)
+        assert over["feature.loss"] == ("pearson" if method == "flexkd" else "none")
+        study.tell(trial, 0.5)
+
+
+def test_sweep_overrides_split_between_the_sweep_and_the_runs():
+    spec, _ = load_sweep("quickstart", ["trials=3", "scheduler.name=none", "train.log_every=5"])
+    assert spec.trials == 3 and spec.scheduler.name == "none" and spec.overrides[-1] == "train.log_every=5"
+    assert "3 trials" in describe(spec)
+
+
+def test_an_unreachable_tracking_server_fails_fast(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI: http://127.0.0.1:9 is unreachable"):
+        tracking.check_store(tracking.tracking_uri())
+    print(f"failed in {time.perf_counter() - start:.2f}s")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real sweep
+
+
+def test_sweep_with_asha_and_train_workers_records_everything(ray_cluster, disk, tmp_path, monkeypatch):
+    """3 trials, each a TorchTrainer with a real worker group taking 2 of the cluster's 4 CPUs (+1 for the
+    trial): a trial stopped by ASHA that left its workers' resources reserved would block the next one."""
+    import mlflow
+
+    from tuning.space import load_sweep
+    from tuning.sweep import run_sweep
+
+    monkeypatch.chdir(tmp_path)
+    path = write_sweep(
+        tmp_path / "asha.yaml",
+        base="demo",
+        overrides=[
+            f"teacher.path={disk['teacher_cls']}",
+            "scaling.num_workers=1",
+            "scaling.cpus_per_worker=2",
+            "train.steps=30",
+            "train.eval_every=10",
+            "train.log_every=10",
+            "optim.warmup_steps=0",
+            "eval.max_examples=100",
+            "data.max_train_examples=400",
+            "scoring.num_examples=32",
+        ],
+        space={
+            "method": {
+                "bundles": {
+                    "sft": {"feature.loss": "none", "kd.loss": "none"},
+                    "flexkd": {"feature.loss": "pearson"},
+                }
+            },
+            "selection.k": {"choice": [8, 16], "when": {"method": ["flexkd"]}},
+            "optim.lr": {"choice": [0.003, 1.0e-7]},
+        },
+        objective={"metric": "val/loss", "mode": "min"},
+        # A good trial first, then a hopeless one: ASHA must stop the second at its first evaluation.
+        start_points=[{"method": "sft", "optim.lr": 0.003}, {"method": "sft", "optim.lr": 1.0e-7}],
+        trials=3,
+        concurrency=1,
+        seed=3,
+        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        resources={"cpus_per_trial": 1},
+        tracking={"experiment": "test-asha", "register_as": "test-student", "register_top": 2},
+    )
+    spec, raw = load_sweep(str(path))
+    summary = run_sweep(spec, raw, quiet=True)
+    uri = tracking.tracking_uri()
+    assert uri == f"sqlite:///{tmp_path / 'flexkd-runs' / 'mlflow.db'}"
+    client = tracking.client(uri)
+
+    # --- every planned trial ran, ASHA stopped at least one -----------------------------------------------
+    rows = summary["leaderboard"]
+    assert len(rows) == 3 and len({r["trial_id"] for r in rows}) == 3
+    stopped = [r for r in rows if r["early_stopped"]]
+    assert stopped, rows
+    assert all(r["status"] in ("FINISHED", "KILLED") for r in rows)
+
+    # --- the parent run ------------------------------------------------------------------------------------
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sweep.seed"] == "3" and parent.data.params["sweep.trials"] == "3"
+    assert parent.data.tags["version.ray"].startswith("2.") and "git.revision" in parent.data.tags
+    files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep.yaml", "space.txt", "leaderboard.csv", "best.yaml"} <= files
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/optimization_history.png" in plots and "plots/parallel_coordinate.png" in plots
+
+    # --- one child per trial, with params, per-step metrics and artifacts -------------------------------
+    runs = tracking.children(uri, parent.info.run_id, summary["experiment_id"])
+    assert len(runs) == 3
+    for run in runs:
+        assert run.data.params["train.steps"] == "30" and "kd.weight" in run.data.params
+        history = client.get_metric_history(run.info.run_id, "train/loss")
+        steps = [m.step for m in history]
+        assert steps == sorted(set(steps)) and steps[0] == 10
+        if run.data.tags.get(tracking.EARLY_STOPPED_TAG) == "true":
+            assert run.info.status == "KILLED"
+            continue
+        assert run.info.status == "FINISHED" and steps[-1] == 30
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "metrics.json"} <= names
+        assert ("selection.json" in names) == (run.data.params["feature.loss"] == "pearson")
+
+    # --- best.yaml reruns; the registry's champion is the best student and predicts ----------------------
+    best = summary["best"]
+    best_yaml = Path(summary["files"]["best"])
+    cfg = load_config(str(best_yaml))
+    assert cfg.run.name == f"{spec.name}-best"
+    assert client.get_run(best["run_id"]).data.params["optim.lr"] == str(cfg.optim.lr)
+    version = client.get_model_version_by_alias("test-student", tracking.CHAMPION)
+    assert version.run_id == best["run_id"]
+    model, tok = tracking.load_registered("models:/test-student@champion", task="classification")
+    inputs = tok(["the plot was not very dull"], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape == (1, len(demo.LABELS)) and torch.isfinite(logits).all()
+    monkeypatch.setenv(
+        "MLFLOW_TRACKING_URI", uri
+    )  # what a user sets; then plain mlflow resolves the alias too
+    folder = Path(mlflow.artifacts.download_artifacts("models:/test-student@champion"))
+    assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
+
+
+def _children_of(pid: int) -> list[int]:
+    """Every descendant of ``pid``, read from /proc (Ray's daemons, its workers, the trial processes)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def test_a_killed_sweep_driver_resumes_with_exactly_the_planned_trials(disk, tmp_path):
+    path = write_sweep(
+        tmp_path / "resume.yaml",
+        base="demo",
+        overrides=[
+            f"teacher.path={disk['teacher_cls']}",
+            "train.steps=40",
+            "train.eval_every=20",
+            "train.log_every=10",
+            "eval.max_examples=64",
+            "data.max_train_examples=300",
+            "scoring.num_examples=32",
+        ],
+        space={"optim.lr": {"loguniform": [1.0e-4, 3.0e-3]}, "kd.weight": {"uniform": [0.1, 2.0]}},
+        trials=4,
+        concurrency=1,
+        seed=1,
+        scheduler={"name": "none"},
+        tracking={"experiment": "test-resume", "register_top": 1},
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "tuning.cli", "sweep", str(path), "--quiet"]
+    driver = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    uri = f"sqlite:///{tmp_path / 'flexkd-runs' / 'mlflow.db'}"
+    ours: set[int] = set()
+    deadline = time.time() + 600
+    finished = 0
+    try:
+        while time.time() < deadline and driver.poll() is None:
+            ours.update(_children_of(driver.pid))
+            pointer = tmp_path / "flexkd-runs" / "sweeps" / "resume.latest.json"
+            if pointer.exists():
+                state = json.loads(pointer.read_text())
+                runs = tracking.children(uri, state["parent_id"], state["experiment_id"])
+                finished = sum(r.info.status == "FINISHED" for r in runs)
+                if finished >= 1 and any(r.info.status == "RUNNING" for r in runs):
+                    break  # one trial done, the next one in flight: kill the driver now
+            time.sleep(1)
+    finally:
+        ours.update(_children_of(driver.pid))
+        os.kill(driver.pid, signal.SIGKILL)  # the sweep driver, and below every process it started, by pid
+        driver.wait()
+        time.sleep(2)
+        for pid in ours:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert finished >= 1, driver.stdout.read().decode()[-3000:] if driver.stdout else ""
+    done = subprocess.run(
+        [*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    state = json.loads((tmp_path / "flexkd-runs" / "sweeps" / "resume.latest.json").read_text())
+    runs = tracking.children(uri, state["parent_id"], state["experiment_id"])
+    trial_ids = [r.data.tags[tracking.TRIAL_TAG] for r in runs]
+    assert len(trial_ids) == 4 and len(set(trial_ids)) == 4, trial_ids  # none lost, none recorded twice
+    assert all(r.info.status == "FINISHED" for r in runs)
+    board = (tmp_path / "flexkd-runs" / "sweeps" / "resume-leaderboard.csv").read_text().splitlines()
+    assert len(board) == 1 + 4

@@ -1,0 +1,389 @@
+"""Sweep files and search spaces.
+
+A sweep file names a base run config and a search space over that config's own dotted keys:
+
+    name: quickstart
+    base: demo                                  # run preset or YAML file
+    overrides: [train.steps=200]                # fixed for every trial
+    space:
+      method:                                   # a bundle: one categorical choosing several keys at once
+        bundles:
+          sft: {feature.loss: none, kd.loss: none}
+          flexkd: {feature.loss: pearson}
+      feature.weight: {loguniform: [0.1, 10], when: {method: [flexkd]}}
+      selection.k: {choice: [8, 16, 32], when: {method: [flexkd]}}
+      optim.lr: {loguniform: [3.0e-4, 3.0e-3]}
+      train.steps: {int: [100, 300], step: 50}
+    objective: {metric: val/accuracy, mode: max}
+    trials: 8
+
+Distributions: ``choice`` (categorical), ``uniform``, ``loguniform``, ``int`` (optionally ``step``,
+``log``). ``when: {param: [values]}`` makes a parameter conditional on an earlier one (Optuna's
+define-by-run): it is sampled only when the condition holds, and otherwise the base config's value stands.
+Every key and every value a parameter can take is checked against the run config before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flexkd.config import (
+    Config,
+    ConfigError,
+    build_dataclass,
+    from_dict,
+    merge,
+    parse_overrides,
+    read_config_dict,
+    set_dotted,
+    valid_keys,
+)
+
+SWEEP_DIR = Path(__file__).parent / "sweeps"
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "bundles")
+
+
+@dataclass
+class Objective:
+    metric: str = "val/accuracy"
+    """Metric the sweep optimises (a key the loop reports at evaluation, e.g. val/accuracy, val/rouge_l)."""
+    mode: str = "max"
+    """max | min."""
+
+
+@dataclass
+class Scheduler:
+    name: str = "asha"
+    """asha (stop weak trials early) | none."""
+    grace_period: int = 1
+    """Evaluations every trial gets before ASHA may stop it."""
+    reduction_factor: int = 2
+    """ASHA keeps 1/reduction_factor of the trials at each rung."""
+
+
+@dataclass
+class Resources:
+    cpus_per_trial: float = 1.0
+    """CPUs of a trial's own process (it trains there when scaling.num_workers is 0)."""
+    gpus_per_trial: float = 0.0
+    """GPUs of a trial's own process (scaling.num_workers 0 with run.device cuda)."""
+
+
+@dataclass
+class Tracking:
+    experiment: str = ""
+    """MLflow experiment; empty: flexkd-<sweep name>."""
+    register_as: str = ""
+    """Registered-model name for the best students; empty: flexkd-<sweep name>."""
+    register_top: int = 1
+    """How many of the best students to register (the best gets the alias 'champion'); 0: none."""
+
+
+@dataclass
+class SweepSpec:
+    name: str = ""
+    """Sweep name (default: the file's name)."""
+    base: str = ""
+    """Run preset or YAML file every trial starts from."""
+    overrides: list = field(default_factory=list)
+    """key=value overrides of the base, the same for every trial."""
+    space: dict = field(default_factory=dict)
+    """Search space over dotted run-config keys (see tuning/space.py)."""
+    objective: Objective = field(default_factory=Objective)
+    trials: int = 8
+    """Number of trials."""
+    concurrency: int = 1
+    """Trials running at once."""
+    seed: int = 0
+    """Seed of the Optuna TPE sampler."""
+    start_points: list = field(default_factory=list)
+    """Trials to run first, as {parameter: value} (e.g. the defaults you trust); the sampler continues from them."""
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    resources: Resources = field(default_factory=Resources)
+    tracking: Tracking = field(default_factory=Tracking)
+    storage_path: str = ""
+    """Where Tune keeps the sweep (absolute path or URI); empty: ./flexkd-runs/sweeps."""
+
+
+@dataclass
+class Param:
+    name: str
+    kind: str
+    args: Any
+    step: float | None = None
+    log: bool = False
+    when: dict = field(default_factory=dict)
+
+
+def sweep_names() -> list[str]:
+    return sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+
+
+def find_sweep_file(name: str) -> Path:
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.resolve()
+    shipped = SWEEP_DIR / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(
+        f"{name}: no such sweep file or shipped sweep; shipped sweeps are {', '.join(sweep_names())}"
+    )
+
+
+def load_sweep(name: str, overrides: list[str] = ()) -> tuple[SweepSpec, dict]:
+    """(the sweep spec, its file's raw text as a dict). ``overrides`` may set sweep fields (``trials=4``,
+    ``scheduler.name=none``) or run-config keys (``train.steps=50``), which join the fixed overrides."""
+    path = find_sweep_file(name)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    sweep_fields = {f.name for f in dataclasses.fields(SweepSpec)}
+    sweep_over, run_over = [], []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        (sweep_over if key.split(".")[0] in sweep_fields else run_over).append(item)
+    data = merge(raw, parse_overrides(sweep_over))
+    data.setdefault("name", path.stem)
+    spec = build_dataclass(SweepSpec, data)
+    spec.overrides = [*spec.overrides, *run_over]
+    check_sweep(spec)
+    return spec, raw
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parsing and checking the space
+
+
+def parse_space(space: dict) -> list[Param]:
+    params = []
+    seen: dict[str, Param] = {}
+    for name, spec in space.items():
+        where = f"space.{name}"
+        if not isinstance(spec, dict):
+            raise ConfigError(
+                f"{where}: expected a mapping such as {{choice: [...]}} or {{loguniform: [lo, hi]}}"
+            )
+        kinds = [k for k in spec if k in DISTRIBUTIONS]
+        extra = [k for k in spec if k not in (*DISTRIBUTIONS, "when", "step", "log")]
+        if len(kinds) != 1 or extra:
+            raise ConfigError(
+                f"{where}: give exactly one of {', '.join(DISTRIBUTIONS)} (plus optional when, step, log)"
+            )
+        kind = kinds[0]
+        args = spec[kind]
+        if kind in ("choice",) and not (isinstance(args, list) and args):
+            raise ConfigError(f"{where}.choice: expected a non-empty list")
+        if kind == "bundles" and not (isinstance(args, dict) and args):
+            raise ConfigError(f"{where}.bundles: expected a mapping of name -> {{key: value}}")
+        if kind in ("uniform", "loguniform", "int"):
+            if not (isinstance(args, list) and len(args) == 2):
+                raise ConfigError(f"{where}.{kind}: expected [low, high]")
+            try:
+                low, high = (int(a) if kind == "int" else float(a) for a in args)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}.{kind}: bounds must be numbers, got {args}") from None
+            if low > high or (kind == "loguniform" and low <= 0):
+                raise ConfigError(f"{where}.{kind}: bad bounds {args} (low <= high; > 0 for loguniform)")
+            args = [low, high]
+        when = spec.get("when") or {}
+        for other, values in when.items():
+            if other not in seen:
+                raise ConfigError(f"{where}.when: {other!r} is not a parameter defined before {name!r}")
+            allowed = _choices(seen[other])
+            if allowed is None or not isinstance(values, list) or not set(values) <= set(allowed):
+                raise ConfigError(f"{where}.when: {other} takes {allowed}; the condition names {values!r}")
+        param = Param(name, kind, args, spec.get("step"), bool(spec.get("log", False)), dict(when))
+        params.append(param)
+        seen[name] = param
+    return params
+
+
+def _choices(param: Param) -> list | None:
+    if param.kind == "choice":
+        return list(param.args)
+    if param.kind == "bundles":
+        return list(param.args)
+    return None
+
+
+def _is_run_key(key: str) -> bool:
+    keys = set(valid_keys())
+    if key in keys:
+        return True
+    # Keys inside dict-valued fields (student.arch.hidden_size, data.columns.text) are open-ended.
+    return any(key.startswith(f"{k}.") for k in ("data.columns", "teacher.arch", "student.arch"))
+
+
+def param_values(param: Param) -> list[dict]:
+    """Representative assignments of one parameter, each as {run key: value}: every choice, every bundle,
+    both ends of a range."""
+    if param.kind == "bundles":
+        return [dict(b) for b in param.args.values()]
+    if param.kind == "choice":
+        return [{param.name: v} for v in param.args]
+    return [{param.name: v} for v in param.args]
+
+
+def base_dict(spec: SweepSpec) -> dict:
+    return merge(read_config_dict(spec.base), parse_overrides(list(spec.overrides)))
+
+
+def check_sweep(spec: SweepSpec) -> None:
+    """Every key and every value of the space must make a valid run config (static checks, no files)."""
+    if not spec.base:
+        raise ConfigError("base: the sweep names no base run config (a preset such as demo, or a YAML file)")
+    if spec.objective.mode not in ("max", "min"):
+        raise ConfigError(f"objective.mode: {spec.objective.mode!r}; choose max or min")
+    if not spec.objective.metric.startswith(("val/", "test/")):
+        raise ConfigError(
+            f"objective.metric: {spec.objective.metric!r}; the loop reports val/... and test/... metrics at evaluation"
+        )
+    if spec.scheduler.name not in ("asha", "none"):
+        raise ConfigError(f"scheduler.name: {spec.scheduler.name!r}; choose asha or none")
+    for key in ("trials", "concurrency"):
+        if getattr(spec, key) < 1:
+            raise ConfigError(f"{key}: must be >= 1")
+    if spec.storage_path and "://" not in spec.storage_path and not Path(spec.storage_path).is_absolute():
+        raise ConfigError(f"storage_path: {spec.storage_path!r} must be an absolute path or a URI")
+    base = base_dict(spec)
+    from_dict(base)  # the base alone must be valid
+    params = parse_space(spec.space)
+    by_name = {p.name: p for p in params}
+    for i, point in enumerate(spec.start_points):
+        if not isinstance(point, dict):
+            raise ConfigError(f"start_points[{i}]: expected a mapping of parameter -> value")
+        for name, value in point.items():
+            param = by_name.get(name)
+            if param is None:
+                raise ConfigError(
+                    f"start_points[{i}].{name}: not a parameter of the space ({', '.join(by_name)})"
+                )
+            choices = _choices(param)
+            if choices is not None and value not in choices:
+                raise ConfigError(f"start_points[{i}].{name}: {value!r} is not one of {choices}")
+            if choices is None and not param.args[0] <= float(value) <= param.args[1]:
+                raise ConfigError(f"start_points[{i}].{name}: {value} is outside {param.args}")
+    for param in params:
+        for assignment in param_values(param):
+            for key in assignment:
+                if not _is_run_key(key):
+                    raise ConfigError(
+                        f"space.{param.name}: {key!r} is not a run-config key (flexkd show --keys lists them)"
+                    )
+            try:
+                from_dict(merge(base, dotted(assignment)))
+            except ConfigError as err:
+                raise ConfigError(f"space.{param.name}: {assignment}: {err}") from None
+
+
+def dotted(assignment: dict[str, Any]) -> dict:
+    """{dotted key: value} -> nested dict, values kept as they are (no text round trip)."""
+    nested: dict = {}
+    for key, value in assignment.items():
+        set_dotted(nested, key, value)
+    return nested
+
+
+def check_space_files(spec: SweepSpec) -> None:
+    """The file-level checks (models, tokenizers, data, layer ranges, k) for every value of the space."""
+    from flexkd.checks import preflight
+
+    base = base_dict(spec)
+    preflight(from_dict(base))
+    for param in parse_space(spec.space):
+        for assignment in param_values(param):
+            try:
+                preflight(from_dict(merge(base, dotted(assignment))))
+            except ConfigError as err:
+                raise ConfigError(f"space.{param.name}: {assignment}: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+class DefineByRun:
+    """Optuna define-by-run space: samples the parameters in file order, skipping those whose ``when`` fails.
+
+    A class instance (not a closure) so that Tune can pickle it with the searcher's state for ``--resume``.
+    Returns nothing: the sampled values are the trial's config, keyed by parameter name.
+    """
+
+    def __init__(self, space: dict):
+        self.params = parse_space(space)
+
+    def __call__(self, trial) -> None:
+        chosen: dict[str, Any] = {}
+        for p in self.params:
+            if any(chosen.get(other) not in values for other, values in p.when.items()):
+                continue
+            if p.kind in ("choice", "bundles"):
+                options = list(p.args)
+                value = trial.suggest_categorical(p.name, options)
+            elif p.kind == "int":
+                value = trial.suggest_int(p.name, p.args[0], p.args[1], step=int(p.step or 1), log=p.log)
+            else:
+                value = trial.suggest_float(
+                    p.name, p.args[0], p.args[1], log=p.kind == "loguniform" or p.log, step=p.step
+                )
+            chosen[p.name] = value
+
+
+def trial_overrides(spec: SweepSpec, sampled: dict) -> dict[str, Any]:
+    """A trial's sampled parameters as run-config overrides {dotted key: value} (bundles expanded)."""
+    params = {p.name: p for p in parse_space(spec.space)}
+    out: dict[str, Any] = {}
+    for name, value in sampled.items():
+        param = params.get(name)
+        if param is None:
+            continue
+        if param.kind == "bundles":
+            out.update(param.args[value])
+        else:
+            out[name] = value
+    return out
+
+
+def trial_config(spec: SweepSpec, sampled: dict, run_name: str) -> Config:
+    """The run config of one trial: base, fixed overrides, then the sampled values."""
+    data = merge(base_dict(spec), dotted(trial_overrides(spec, sampled)))
+    data = merge(data, {"run": {"name": run_name}})
+    return from_dict(data)
+
+
+def describe(spec: SweepSpec) -> str:
+    """The resolved space, resources and concurrency, as `flexkd sweep --dry-run` prints them."""
+    base = from_dict(base_dict(spec))
+    lines = [
+        f"sweep {spec.name}: {spec.trials} trials, {spec.concurrency} at a time, seed {spec.seed}",
+        f"base: {spec.base} + {spec.overrides or 'no overrides'}",
+        f"objective: {spec.objective.mode} {spec.objective.metric}",
+        f"scheduler: {spec.scheduler.name}"
+        + (
+            f" (grace {spec.scheduler.grace_period} evaluations, reduction {spec.scheduler.reduction_factor})"
+            if spec.scheduler.name == "asha"
+            else ""
+        ),
+        f"per trial: {spec.resources.cpus_per_trial:g} CPU for the trial process"
+        + (
+            f" + {base.scaling.num_workers} Ray Train worker(s) x {base.scaling.cpus_per_worker} CPU"
+            if base.scaling.num_workers
+            else " (it trains in place: scaling.num_workers=0)"
+        ),
+        "space:",
+    ]
+    for p in parse_space(spec.space):
+        cond = f"  when {p.when}" if p.when else ""
+        if p.kind == "bundles":
+            body = "; ".join(f"{n} = {b}" for n, b in p.args.items())
+            lines.append(f"  {p.name}: one of {{{body}}}{cond}")
+        else:
+            lines.append(f"  {p.name}: {p.kind} {p.args}{f' step {p.step}' if p.step else ''}{cond}")
+    return "\n".join(lines)

@@ -1,0 +1,570 @@
+"""`flexkd sweep`: Ray Tune + Optuna over the run config, every trial and the best students in MLflow.
+
+One Tune trial is one driver that builds and fits a ``TorchTrainer`` (the Train V2 pattern). With
+``scaling.num_workers`` >= 1 the trainer starts that many Ray Train workers and a ``ReportRelay`` in its
+controller feeds Tune and MLflow; with 0 it is Ray Train's local mode, which runs the loop in the trial's own
+process (no worker group to start, so a short trial is not dominated by start-up) and the relay is called in
+place. Either way Tune sees one result per evaluation, each carrying the objective, so ASHA's rungs are
+evaluations and Optuna's TPE gets intermediate values.
+
+Before Ray starts: the sweep file and every value of its space are checked against the run config, the
+base run's files are checked, the MLflow store is reached, and a missing demo teacher is fine-tuned.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from flexkd import artifacts
+from flexkd.config import Config, dump_yaml, flatten, from_dict, to_dict
+from flexkd.runs import ensure_teacher
+from tuning import tracking
+from tuning.space import (
+    DefineByRun,
+    SweepSpec,
+    base_dict,
+    check_space_files,
+    describe,
+    parse_space,
+    trial_config,
+)
+
+log = logging.getLogger("flexkd")
+
+
+@dataclass
+class SweepContext:
+    """What every trial needs to know about its sweep (passed to trials with ``tune.with_parameters``)."""
+
+    spec: SweepSpec
+    uri: str
+    experiment_id: str
+    parent_id: str
+    trials_root: str  # local folder of trial outputs
+    storage: str  # Tune/Train storage (absolute path or URI)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trial
+
+
+class TuneSink:
+    """Relay sink: evaluation reports (those with the objective metric) become Tune results.
+
+    In place (local mode) it calls ``tune.report``; from a Train controller it goes through
+    ``TuneReportCallback``'s queue into the trial, the documented Train V2 path.
+    """
+
+    def __init__(self, metric: str, remote: bool):
+        self.metric = metric
+        self.forward = None
+        if remote:
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            self.forward = TuneReportCallback()
+
+    def report(self, metrics: dict, step: int, checkpoint_path: str | None) -> None:
+        if self.metric not in metrics:
+            return
+        result = {**metrics, "step": step}
+        if self.forward is not None:
+            self.forward.after_report(None, [result], None)
+        else:
+            from ray import tune
+
+            tune.report(result)
+
+    def event(self, name, value, step) -> None:
+        pass
+
+
+def trial_main(sampled: dict, context: SweepContext) -> None:
+    """One trial: its config, its MLflow child run, a TorchTrainer, then final metrics and artifacts."""
+    from ray import tune
+
+    from tuning.trainer import ReportRelay
+
+    spec = context.spec
+    trial_id = tune.get_context().get_trial_id()
+    out = Path(context.trials_root, trial_id)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = trial_config(spec, sampled, run_name=f"{spec.name}-{trial_id}")
+    cfg.run.output_dir = str(out)
+    params = {**flatten(to_dict(cfg)), **{f"sweep.{k}": v for k, v in sampled.items()}}
+    run_id = tracking.start_child(
+        context.uri,
+        context.experiment_id,
+        context.parent_id,
+        trial_id,
+        tune.get_context().get_trial_name(),
+        params,
+    )
+    try:
+        remote = cfg.scaling.num_workers >= 1
+        # MLflow first: Tune may stop (end) this trial as soon as it sees the result.
+        relay = ReportRelay(
+            [tracking.MlflowSink(context.uri, run_id), TuneSink(spec.objective.metric, remote)]
+        )
+        started = time.perf_counter()
+        final_dir = fit_trial(cfg, relay, context, trial_id, out)
+        metrics = artifacts.read_metrics(final_dir)
+        metrics["perf/trial_fit_s"] = time.perf_counter() - started
+        (out / artifacts.CONFIG).write_text(dump_yaml(cfg))
+        value = metrics.get(spec.objective.metric)
+        keep = value is not None and tracking.should_log_student(
+            context.uri,
+            context.experiment_id,
+            context.parent_id,
+            spec.objective.metric,
+            spec.objective.mode,
+            value,
+            spec.tracking.register_top,
+        )
+        tracking.finish_child(context.uri, run_id, final_dir, metrics, log_student=keep)
+    except Exception:
+        tracking.fail_child(context.uri, run_id, traceback.format_exc())
+        raise
+
+
+def fit_trial(cfg: Config, relay, context: SweepContext, trial_id: str, out: Path) -> Path:
+    """Build and fit the trial's TorchTrainer; return a local folder holding the final checkpoint."""
+    from ray.train import FailureConfig, LoggingConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tuning.cache import ScoreCache
+    from tuning.trainer import scaling_config, worker_main
+
+    cache_root = f"{context.storage}/score-cache"
+    run_config = dict(storage_path=context.storage, logging_config=LoggingConfig(log_level="WARNING"))
+    if cfg.scaling.num_workers == 0:
+        # Ray Train's local mode: the loop runs here, in the trial's process; reports go to the relay directly.
+        from flexkd.train import train
+
+        latest = out / "checkpoint"
+
+        def report(metrics: dict, step: int, checkpoint: str | None = None) -> None:
+            if checkpoint:
+                if latest.exists():
+                    shutil.rmtree(latest)
+                shutil.move(checkpoint, latest)
+            relay.relay({"step": step, **metrics}, str(latest) if checkpoint else None)
+
+        def loop(_config):
+            train(cfg, report, score_cache=ScoreCache(cache_root))
+
+        TorchTrainer(
+            loop,
+            scaling_config=scaling_config(cfg),
+            run_config=RunConfig(name=f"trial-{trial_id}", **run_config),
+        ).fit()
+        return latest
+    trainer = TorchTrainer(
+        worker_main,
+        train_loop_config={"config": to_dict(cfg), "score_cache": cache_root},
+        torch_config=TorchConfig(timeout_s=600),
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(
+            name=f"trial-{trial_id}",  # stable: a restarted trial's Train run resumes from its checkpoint
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures, controller_failure_limit=3),
+            callbacks=[relay],
+            **run_config,
+        ),
+    )
+    result = trainer.fit()
+    local = out / "checkpoint"
+    if local.exists():
+        shutil.rmtree(local)
+    result.checkpoint.to_directory(str(local))
+    return local
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The scheduler, recording what it stops
+
+
+def early_stop_scheduler(spec: SweepSpec, record: str):
+    from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+
+    class RecordingASHA(AsyncHyperBandScheduler):
+        """ASHA that notes each trial it stops, so the sweep can tag that trial's MLflow run."""
+
+        def on_trial_result(self, tune_controller, trial, result):
+            decision = super().on_trial_result(tune_controller, trial, result)
+            if decision == TrialScheduler.STOP:
+                with open(record, "a") as f:
+                    f.write(json.dumps({"trial_id": trial.trial_id, "step": result.get("step")}) + "\n")
+            return decision
+
+    # max_t above any number of evaluations: ASHA also stops trials that reach max_t, and a trial stopped
+    # mid-fit is one whose resources Ray must reclaim; only weak trials should be stopped.
+    return RecordingASHA(
+        time_attr="training_iteration",
+        metric=spec.objective.metric,
+        mode=spec.objective.mode,
+        max_t=100_000,
+        grace_period=spec.scheduler.grace_period,
+        reduction_factor=spec.scheduler.reduction_factor,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The driver
+
+
+def trial_dirname(trial) -> str:
+    """Tune's folder name for a trial: its id, so the sweep can tell which trials Tune knows."""
+    return f"trial-{trial.trial_id}"
+
+
+def sweep_home() -> Path:
+    return tracking.default_root() / "sweeps"
+
+
+def run_sweep(
+    spec: SweepSpec, raw: dict, *, resume: bool = False, quiet: bool = False, num_cpus: int | None = None
+) -> dict:
+    """Run (or continue) a sweep; returns a summary with the leaderboard and the best trial."""
+    # --- everything that can fail fast, before Ray ----------------------------------------------------
+    uri = tracking.tracking_uri()
+    tracking.check_store(uri)
+    base = from_dict(base_dict(spec))
+    check_space_files(spec)
+    ensure_teacher(base, quiet=quiet)
+    storage = spec.storage_path or str(sweep_home())
+    pointer = sweep_home() / f"{spec.name}.latest.json"
+    if resume:
+        if not pointer.exists():
+            from flexkd.config import ConfigError
+
+            raise ConfigError(f"--resume: no earlier sweep named {spec.name!r} ({pointer} is missing)")
+        state = json.loads(pointer.read_text())
+    else:
+        experiment_id = tracking.ensure_experiment(uri, spec.tracking.experiment or f"flexkd-{spec.name}")
+        exp_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        parent_id = tracking.start_parent(
+            uri,
+            experiment_id,
+            exp_name,
+            {
+                "sweep.name": spec.name,
+                "sweep.base": spec.base,
+                "sweep.trials": spec.trials,
+                "sweep.seed": spec.seed,
+                "sweep.concurrency": spec.concurrency,
+                "sweep.objective": f"{spec.objective.mode} {spec.objective.metric}",
+                "sweep.scheduler": spec.scheduler.name,
+                "sweep.overrides": spec.overrides,
+            },
+            {
+                "sweep.yaml": yaml.safe_dump(raw, sort_keys=False),
+                "space.txt": describe(spec),
+                "resolved_sweep.yaml": yaml.safe_dump(
+                    json.loads(json.dumps(spec, default=vars)), sort_keys=False
+                ),
+            },
+        )
+        state = {
+            "experiment_path": f"{storage}/{exp_name}",
+            "exp_name": exp_name,
+            "experiment_id": experiment_id,
+            "parent_id": parent_id,
+            "uri": uri,
+        }
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        pointer.write_text(json.dumps(state, indent=1))
+    context = SweepContext(
+        spec, uri, state["experiment_id"], state["parent_id"], str(sweep_home() / state["exp_name"]), storage
+    )
+    stopped_record = str(sweep_home() / f"{state['exp_name']}.early_stopped.jsonl")
+
+    # --- Ray Tune ------------------------------------------------------------------------------------------
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tuning.session import start_ray
+
+    # Tune saves the experiment's state (trials, the Optuna sampler) at most this often; a driver killed
+    # between two saves forgets the trials started since, so save often (the state is small).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    start_ray(num_cpus=num_cpus, quiet=quiet)
+    resources = {"cpu": spec.resources.cpus_per_trial}
+    if spec.resources.gpus_per_trial:
+        resources["gpu"] = spec.resources.gpus_per_trial
+    trainable = tune.with_resources(tune.with_parameters(trial_main, context=context), resources)
+    started = time.perf_counter()
+    if resume and tune.Tuner.can_restore(state["experiment_path"]):
+        log.info("resuming sweep %s from %s", spec.name, state["experiment_path"])
+        tracking.client(uri).update_run(state["parent_id"], status="RUNNING")
+        tuner = tune.Tuner.restore(
+            state["experiment_path"], trainable, resume_unfinished=True, resume_errored=False
+        )
+    else:
+        searcher = OptunaSearch(
+            DefineByRun(spec.space),
+            metric=spec.objective.metric,
+            mode=spec.objective.mode,
+            seed=spec.seed,
+            points_to_evaluate=[dict(p) for p in spec.start_points] or None,
+        )
+        scheduler = early_stop_scheduler(spec, stopped_record) if spec.scheduler.name == "asha" else None
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=spec.trials,
+                max_concurrent_trials=spec.concurrency,
+                trial_dirname_creator=trial_dirname,
+                # Reusing a trial's process saves its imports, but a trial that ASHA stopped mid-fit cannot be
+                # reset, and Tune then fails the next trial instead of starting a fresh process.
+                reuse_actors=scheduler is None,
+            ),
+            run_config=tune.RunConfig(
+                name=state["exp_name"], storage_path=storage, verbose=0 if quiet else 1
+            ),
+        )
+    grid = tuner.fit()
+    log.info("sweep %s: %d trials in %.0fs", spec.name, len(grid), time.perf_counter() - started)
+    return finish(context, grid, stopped_record, quiet=quiet)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# After the trials: reconcile statuses, leaderboard, best.yaml, plots, registry
+
+
+def _stopped(record: str) -> set[str]:
+    path = Path(record)
+    return (
+        {json.loads(line)["trial_id"] for line in path.read_text().splitlines()} if path.exists() else set()
+    )
+
+
+def finish(context: SweepContext, grid, stopped_record: str, quiet: bool = False) -> dict:
+    spec, uri = context.spec, context.uri
+    c = tracking.client(uri)
+    stopped = _stopped(stopped_record)
+    errors = {r.metrics.get("trial_id") if r.metrics else None: r.error for r in grid if r.error}
+    metric_key = f"final/{spec.objective.metric}"
+    known = {Path(r.path).name.removeprefix("trial-") for r in grid}
+    rows = []
+    for run in tracking.children(uri, context.parent_id, context.experiment_id):
+        trial_id = run.data.tags.get(tracking.TRIAL_TAG)
+        if trial_id not in known:
+            # Started by a driver that died before Tune saved its state: Tune ran that trial again under a
+            # new id, so this half-written run goes (one run per trial in MLflow, never two).
+            c.delete_run(run.info.run_id)
+            continue
+        status = run.info.status
+        if trial_id in stopped and status != "FINISHED":
+            # ASHA ended the trial's process; whatever that process managed to record on its way out (an
+            # error from its Train run being torn down, say) is a consequence, not a failure.
+            c.set_tag(run.info.run_id, tracking.EARLY_STOPPED_TAG, "true")
+            if "flexkd.error" in run.data.tags:
+                c.delete_tag(run.info.run_id, "flexkd.error")
+            c.set_terminated(run.info.run_id, "KILLED")
+            status = "KILLED"
+        elif status == "RUNNING":
+            # The trial's process ended without closing its run and nobody stopped it: it died.
+            error = str(errors.get(trial_id) or "the trial ended without finishing")
+            tracking.fail_child(uri, run.info.run_id, error)
+            status = "FAILED"
+        run = c.get_run(run.info.run_id)
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "run_id": run.info.run_id,
+                "status": status,
+                "early_stopped": status == "KILLED",
+                spec.objective.metric: run.data.metrics.get(
+                    metric_key, run.data.metrics.get(spec.objective.metric)
+                ),
+                **{k.removeprefix("sweep."): v for k, v in run.data.params.items() if k.startswith("sweep.")},
+            }
+        )
+    sign = -1 if spec.objective.mode == "max" else 1
+    finished = [r for r in rows if r["status"] == "FINISHED" and r[spec.objective.metric] is not None]
+    finished.sort(key=lambda r: sign * r[spec.objective.metric])
+    rows.sort(key=lambda r: (r["status"] != "FINISHED", sign * (r[spec.objective.metric] or 0)))
+    files = {"leaderboard.csv": _csv(rows)}
+    summary = {
+        "leaderboard": rows,
+        "parent_run_id": context.parent_id,
+        "experiment_id": context.experiment_id,
+    }
+    if finished:
+        best = finished[0]
+        best_cfg = _best_config(c, best["run_id"], spec.name)
+        files["best.yaml"] = best_cfg
+        summary["best"] = best
+        tracking.log_metrics(
+            uri, context.parent_id, {f"best/{spec.objective.metric}": best[spec.objective.metric]}, 0
+        )
+        c.set_tag(context.parent_id, "flexkd.best_run_id", best["run_id"])
+    for name, text in files.items():
+        c.log_text(context.parent_id, text, name)
+    _log_plots(c, context, rows)
+    logged = [
+        r["run_id"]
+        for r in finished
+        if c.get_run(r["run_id"]).data.tags.get("flexkd.student_logged") == "true"
+    ]
+    top = logged[: spec.tracking.register_top]
+    if top:
+        name = spec.tracking.register_as or f"flexkd-{spec.name}"
+        summary["registered"] = {"name": name, "versions": tracking.register(uri, name, top)}
+    c.set_terminated(context.parent_id, "FINISHED")
+    out = sweep_home() / f"{spec.name}-leaderboard.csv"
+    out.write_text(files["leaderboard.csv"])
+    if "best.yaml" in files:
+        (sweep_home() / f"{spec.name}-best.yaml").write_text(files["best.yaml"])
+    summary["files"] = {"leaderboard": str(out), "best": str(sweep_home() / f"{spec.name}-best.yaml")}
+    if not quiet:
+        print_summary(summary, spec, uri)
+    return summary
+
+
+def _best_config(c, run_id: str, sweep_name: str) -> str:
+    """The best trial's resolved config, made rerunnable: its own name and the default output folder."""
+    import mlflow
+
+    folder = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=artifacts.CONFIG, tracking_uri=c.tracking_uri
+    )
+    data = yaml.safe_load(Path(folder).read_text())
+    data["run"]["name"] = f"{sweep_name}-best"
+    data["run"]["output_dir"] = ""
+    return (
+        f"# The best trial of sweep {sweep_name} (MLflow run {run_id}). Rerun: flexkd train <this file>\n"
+        + yaml.safe_dump(data, sort_keys=False)
+    )
+
+
+def _csv(rows: list[dict]) -> str:
+    columns = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _log_plots(c, context: SweepContext, rows: list[dict]) -> None:
+    """Optuna's importance, history and parallel-coordinate plots (matplotlib PNGs) on the parent run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import optuna
+    from optuna.visualization import matplotlib as plots
+
+    spec = context.spec
+    study = optuna.create_study(direction="maximize" if spec.objective.mode == "max" else "minimize")
+    dists = _distributions(spec)
+    for row in rows:
+        value = row[spec.objective.metric]
+        if row["status"] != "FINISHED" or value is None:
+            continue
+        params = {}
+        for name, dist in dists.items():
+            if name in row and row[name] not in (None, ""):
+                raw = row[name]
+                params[name] = (
+                    raw if isinstance(dist, optuna.distributions.CategoricalDistribution) else float(raw)
+                )
+                if isinstance(dist, optuna.distributions.IntDistribution):
+                    params[name] = int(float(raw))
+                if isinstance(dist, optuna.distributions.CategoricalDistribution):
+                    params[name] = next((ch for ch in dist.choices if str(ch) == str(raw)), raw)
+        study.add_trial(
+            optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params}, value=value)
+        )
+    notes = []
+    for name, draw in (
+        ("param_importances.png", plots.plot_param_importances),
+        ("optimization_history.png", plots.plot_optimization_history),
+        ("parallel_coordinate.png", plots.plot_parallel_coordinate),
+    ):
+        try:
+            axes = draw(study)
+            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            figure.set_size_inches(10, 6)
+            figure.tight_layout()
+            c.log_figure(context.parent_id, figure, f"plots/{name}")
+            matplotlib.pyplot.close(figure)
+        except (
+            Exception
+        ) as err:  # optuna refuses some plots (e.g. importances of fewer than 2 complete trials)
+            notes.append(f"{name}: not drawn ({type(err).__name__}: {err})")
+    if notes:
+        c.log_text(context.parent_id, "\n".join(notes) + "\n", "plots/NOTES.txt")
+
+
+def _distributions(spec: SweepSpec) -> dict:
+    import optuna.distributions as d
+
+    out = {}
+    for p in parse_space(spec.space):
+        if p.kind in ("choice", "bundles"):
+            out[p.name] = d.CategoricalDistribution(list(p.args))
+        elif p.kind == "int":
+            out[p.name] = d.IntDistribution(p.args[0], p.args[1], step=int(p.step or 1), log=p.log)
+        else:
+            out[p.name] = d.FloatDistribution(p.args[0], p.args[1], log=p.kind == "loguniform" or p.log)
+    return out
+
+
+def print_summary(summary: dict, spec: SweepSpec, uri: str) -> None:
+    metric = spec.objective.metric
+    rows = summary["leaderboard"]
+    names = [p.name for p in parse_space(spec.space)]
+    header = ["#", "trial", "status", metric, *names]
+    table = [header]
+    for i, r in enumerate(rows, 1):
+        status = "stopped early" if r["early_stopped"] else r["status"].lower()
+        value = r[metric]
+        table.append(
+            [
+                str(i),
+                r["trial_id"],
+                status,
+                f"{value:.4f}" if isinstance(value, float) else "-",
+                *[_short(r.get(n, "")) for n in names],
+            ]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    print()
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    print()
+    if "best" in summary:
+        print(
+            f"best: {summary['best']['trial_id']} ({metric} {summary['best'][metric]:.4f}); "
+            f"config: {summary['files']['best']}; rerun: flexkd train {summary['files']['best']}"
+        )
+    if "registered" in summary:
+        reg = summary["registered"]
+        print(
+            f"registered: models:/{reg['name']}@{tracking.CHAMPION} (versions {', '.join(reg['versions'])})"
+        )
+    print(f"MLflow UI: {tracking.ui_command(uri)}")
+
+
+def _short(value) -> str:
+    text = str(value)
+    try:
+        number = float(text)
+        return f"{number:.3g}" if "." in text or "e" in text else text
+    except ValueError:
+        return text[:24]
