@@ -60,8 +60,12 @@ def start_ray(num_cpus: int | None = None, quiet: bool = True) -> bool:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     runtime_env = {"env_vars": worker_env()}
     if os.environ.get("RAY_ADDRESS"):
+        # Under `ray job submit` the job's runtime_env already carries the environment (Ray refuses a
+        # second one beside it); set the quiet defaults for this driver and its workers through it.
         log.info("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
-        ray.init(runtime_env=runtime_env, log_to_driver=not quiet)
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
+        ray.init(log_to_driver=not quiet)
         return False
     cpus = num_cpus or os.cpu_count() or 1
     log.info("starting a local Ray cluster (%d CPUs)", cpus)

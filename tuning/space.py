@@ -41,6 +41,7 @@ from flexkd.config import (
     parse_overrides,
     read_config_dict,
     set_dotted,
+    to_dict,
     valid_keys,
 )
 
@@ -351,9 +352,15 @@ def trial_overrides(spec: SweepSpec, sampled: dict) -> dict[str, Any]:
     return out
 
 
-def trial_config(spec: SweepSpec, sampled: dict, run_name: str) -> Config:
-    """The run config of one trial: base, fixed overrides, then the sampled values."""
-    data = merge(base_dict(spec), dotted(trial_overrides(spec, sampled)))
+def resolved_base(spec: SweepSpec) -> dict:
+    """The base run config with its local paths made absolute, here on the driver: trials run in other
+    working directories, where ``./flexkd-runs/...`` would mean something else."""
+    return to_dict(from_dict(base_dict(spec)))
+
+
+def trial_config(spec: SweepSpec, sampled: dict, run_name: str, base: dict | None = None) -> Config:
+    """The run config of one trial: the (resolved) base with its fixed overrides, then the sampled values."""
+    data = merge(base if base is not None else resolved_base(spec), dotted(trial_overrides(spec, sampled)))
     data = merge(data, {"run": {"name": run_name}})
     return from_dict(data)
 

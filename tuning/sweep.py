@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from tuning.space import (
     check_space_files,
     describe,
     parse_space,
+    resolved_base,
     trial_config,
 )
 
@@ -53,6 +55,7 @@ class SweepContext:
     parent_id: str
     trials_root: str  # local folder of trial outputs
     storage: str  # Tune/Train storage (absolute path or URI)
+    base: dict  # the base run config, paths resolved on the driver
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,6 +94,7 @@ class TuneSink:
 
 def trial_main(sampled: dict, context: SweepContext) -> None:
     """One trial: its config, its MLflow child run, a TorchTrainer, then final metrics and artifacts."""
+    import ray
     from ray import tune
 
     from tuning.trainer import ReportRelay
@@ -99,7 +103,7 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     out = Path(context.trials_root, trial_id)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = trial_config(spec, sampled, run_name=f"{spec.name}-{trial_id}")
+    cfg = trial_config(spec, sampled, run_name=f"{spec.name}-{trial_id}", base=context.base)
     cfg.run.output_dir = str(out)
     params = {**flatten(to_dict(cfg)), **{f"sweep.{k}": v for k, v in sampled.items()}}
     run_id = tracking.start_child(
@@ -109,6 +113,8 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
         trial_id,
         tune.get_context().get_trial_name(),
         params,
+        # Where the trial ran: the node (the machine, on a cluster) and its host name.
+        tags={"flexkd.node_id": ray.get_runtime_context().get_node_id(), "flexkd.host": socket.gethostname()},
     )
     try:
         remote = cfg.scaling.num_workers >= 1
@@ -284,7 +290,13 @@ def run_sweep(
         pointer.parent.mkdir(parents=True, exist_ok=True)
         pointer.write_text(json.dumps(state, indent=1))
     context = SweepContext(
-        spec, uri, state["experiment_id"], state["parent_id"], str(sweep_home() / state["exp_name"]), storage
+        spec,
+        uri,
+        state["experiment_id"],
+        state["parent_id"],
+        str(sweep_home() / state["exp_name"]),
+        storage,
+        resolved_base(spec),
     )
     stopped_record = str(sweep_home() / f"{state['exp_name']}.early_stopped.jsonl")
 
@@ -526,38 +538,30 @@ def _distributions(spec: SweepSpec) -> dict:
 
 
 def print_summary(summary: dict, spec: SweepSpec, uri: str) -> None:
+    """The leaderboard (best first), where the best config went, the registered champion, the UI command."""
     metric = spec.objective.metric
-    rows = summary["leaderboard"]
     names = [p.name for p in parse_space(spec.space)]
-    header = ["#", "trial", "status", metric, *names]
-    table = [header]
-    for i, r in enumerate(rows, 1):
+    table = [["#", "trial", "status", metric, "parameters"]]
+    for i, r in enumerate(summary["leaderboard"], 1):
         status = "stopped early" if r["early_stopped"] else r["status"].lower()
         value = r[metric]
+        params = " ".join(f"{n}={_short(r[n])}" for n in names if r.get(n) not in (None, ""))
         table.append(
-            [
-                str(i),
-                r["trial_id"],
-                status,
-                f"{value:.4f}" if isinstance(value, float) else "-",
-                *[_short(r.get(n, "")) for n in names],
-            ]
+            [str(i), r["trial_id"], status, f"{value:.4f}" if isinstance(value, float) else "-", params]
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
     print()
     for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
     print()
     if "best" in summary:
-        print(
-            f"best: {summary['best']['trial_id']} ({metric} {summary['best'][metric]:.4f}); "
-            f"config: {summary['files']['best']}; rerun: flexkd train {summary['files']['best']}"
-        )
+        best = summary["best"]
+        print(f"best trial: {best['trial_id']} ({metric} {best[metric]:.4f}), MLflow run {best['run_id']}")
+        print(f"best config: {summary['files']['best']}  (rerun: flexkd train {summary['files']['best']})")
     if "registered" in summary:
         reg = summary["registered"]
-        print(
-            f"registered: models:/{reg['name']}@{tracking.CHAMPION} (versions {', '.join(reg['versions'])})"
-        )
+        versions = ", ".join(str(v) for v in reg["versions"])
+        print(f"registered: models:/{reg['name']}@{tracking.CHAMPION} (versions {versions})")
     print(f"MLflow UI: {tracking.ui_command(uri)}")
 
 

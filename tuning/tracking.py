@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,11 @@ def artifact_root(uri: str) -> str | None:
 
 
 def ui_command(uri: str) -> str:
+    """The exact command that opens the MLflow UI on ``uri`` (the mlflow beside this Python, if there is one)."""
     if uri.startswith("sqlite:///"):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        beside = Path(sys.executable).parent / "mlflow"
+        program = str(beside) if beside.exists() else "mlflow"
+        return f"{program} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
     return f"open {uri} in a browser (or port-forward it; see cluster/README.md)"
 
 
@@ -165,7 +169,15 @@ def children(uri: str, parent_id: str, experiment_id: str) -> list:
     )
 
 
-def start_child(uri: str, experiment_id: str, parent_id: str, trial_id: str, name: str, params: dict) -> str:
+def start_child(
+    uri: str,
+    experiment_id: str,
+    parent_id: str,
+    trial_id: str,
+    name: str,
+    params: dict,
+    tags: dict | None = None,
+) -> str:
     """A trial's child run. A trial that runs again (``--resume`` restarts unfinished trials) replaces its
     earlier run: one run per trial, never two."""
     c = client(uri)
@@ -174,7 +186,9 @@ def start_child(uri: str, experiment_id: str, parent_id: str, trial_id: str, nam
         filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
     ):
         c.delete_run(old.info.run_id)
-    run = c.create_run(experiment_id, run_name=name, tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id})
+    run = c.create_run(
+        experiment_id, run_name=name, tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id, **(tags or {})}
+    )
     log_params(uri, run.info.run_id, params)
     return run.info.run_id
 
