@@ -241,6 +241,78 @@ def plan_layers(cfg: Config, teacher_config, student_config) -> tuple[list[tuple
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The objective
+
+
+@dataclass
+class Objective:
+    """The weighted terms of one micro-batch (FLEXKD.md section 3): task CE, logit KD, feature alignment.
+
+    ``objective(model, batch)`` -> {"task": ..., "kd": ..., "feat": ...} (only the terms that are on), each a
+    float32 scalar; the loop weights them with ``weights``. The teacher runs under ``no_grad``.
+    """
+
+    cfg: Config
+    teacher: torch.nn.Module | None
+    layer_map: list[tuple[int, int]]
+    units: list[torch.Tensor | None]  # per mapped pair: the selected teacher units, or None (projector)
+    projector: torch.nn.ModuleList | None
+    vocab: int
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {"task": self.cfg.task.weight, "kd": self.cfg.kd.weight, "feat": self.cfg.feature.weight}
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        features_on = uses_features(cfg)
+        autocast = (
+            torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16)
+            if cfg.run.precision == "bf16"
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                output_hidden_states=features_on,
+            )
+            terms = {"task": task_loss(out.logits, batch["labels"])}
+            if self.teacher is None:
+                return terms
+            with torch.no_grad():
+                t_out = self.teacher(
+                    input_ids=batch.get("teacher_input_ids", batch["input_ids"]),
+                    attention_mask=batch.get("teacher_attention_mask", batch["attention_mask"]),
+                    output_hidden_states=features_on,
+                )
+        loss_mask = batch["labels"] != IGNORE  # (B,) all True for classification; (B, T) response positions
+        if cfg.kd.loss != "none" and cfg.kd.weight > 0:
+            # Checkpoints may pad the output layer beyond the tokenizer; only real tokens carry probability.
+            s_logits, t_logits = out.logits, t_out.logits
+            if s_logits.shape[-1] != t_logits.shape[-1]:
+                s_logits, t_logits = s_logits[..., : self.vocab], t_logits[..., : self.vocab]
+            terms["kd"] = KD_LOSSES[cfg.kd.loss](
+                s_logits, t_logits, loss_mask, cfg.kd.temperature, cfg.kd.skew
+            )
+        if features_on:
+            feature_loss = FEATURE_LOSSES[cfg.feature.loss]
+            token_mask = batch["attention_mask"].bool() if cfg.feature.tokens == "all" else loss_mask
+            per_layer = [
+                feature_loss(
+                    out.hidden_states[s_layer],
+                    t_out.hidden_states[t_layer],
+                    token_mask,
+                    self.units[i],
+                    self.projector[i] if self.projector is not None else None,
+                )
+                for i, (t_layer, s_layer) in enumerate(self.layer_map)
+            ]
+            terms["feat"] = torch.stack(per_layer).mean()
+        return terms
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -281,6 +353,8 @@ def train(
         world,
     )
 
+    data_ready = time.perf_counter()
+
     # --- models --------------------------------------------------------------------------------------
     teacher, teacher_config = bench.teacher, bench.teacher_config
     if resume_from:
@@ -302,6 +376,8 @@ def train(
         projector = torch.nn.ModuleList(torch.nn.Linear(d_s, d_t) for _ in layer_map).to(device)
         if resume_from:
             projector.load_state_dict(torch.load(Path(resume_from, artifacts.PROJECTOR), map_location=device))
+
+    models_ready = time.perf_counter()
 
     # --- score and select (once; a resumed run reads the selection from its checkpoint) ------------------
     selections: list[LayerSelection] = []
@@ -350,56 +426,8 @@ def train(
         events["event/resumed_from_step"] = start_step
         log.info("resumed at step %d of %d", start_step, cfg.train.steps)
 
-    kd_fn = KD_LOSSES[cfg.kd.loss]
-    feat_fn = FEATURE_LOSSES[cfg.feature.loss]
-    kd_on = cfg.kd.loss != "none" and cfg.kd.weight > 0
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if cfg.run.precision == "bf16"
-        else contextlib.nullcontext()
-    )
-    vocab = len(bench.tok_s)
-
-    def losses(batch: dict) -> dict[str, torch.Tensor]:
-        """The weighted terms of one micro-batch (FLEXKD.md section 3)."""
-        with autocast:
-            out = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                output_hidden_states=features_on,
-            )
-            terms = {"task": task_loss(out.logits, batch["labels"])}
-            if not need_teacher:
-                return terms
-            with torch.no_grad():
-                t_out = teacher(
-                    input_ids=batch.get("teacher_input_ids", batch["input_ids"]),
-                    attention_mask=batch.get("teacher_attention_mask", batch["attention_mask"]),
-                    output_hidden_states=features_on,
-                )
-        loss_mask = batch["labels"] != IGNORE  # (B,) all True for classification; (B, T) response positions
-        if kd_on:
-            # Checkpoints may pad the output layer beyond the tokenizer; only real tokens carry probability.
-            s_logits, t_logits = out.logits, t_out.logits
-            if s_logits.shape[-1] != t_logits.shape[-1]:
-                s_logits, t_logits = s_logits[..., :vocab], t_logits[..., :vocab]
-            terms["kd"] = kd_fn(s_logits, t_logits, loss_mask, cfg.kd.temperature, cfg.kd.skew)
-        if features_on:
-            token_mask = batch["attention_mask"].bool() if cfg.feature.tokens == "all" else loss_mask
-            per_layer = [
-                feat_fn(
-                    out.hidden_states[s_layer],
-                    t_out.hidden_states[t_layer],
-                    token_mask,
-                    units[i],
-                    projector[i] if projector is not None else None,
-                )
-                for i, (t_layer, s_layer) in enumerate(layer_map)
-            ]
-            terms["feat"] = torch.stack(per_layer).mean()
-        return terms
-
-    weights = {"task": cfg.task.weight, "kd": cfg.kd.weight, "feat": cfg.feature.weight}
+    objective = Objective(cfg, teacher, layer_map, units, projector, vocab=len(bench.tok_s))
+    weights = objective.weights
     accum = cfg.train.grad_accum
     n_train = len(train_examples)
     running: dict[str, float] = {}
@@ -419,7 +447,7 @@ def train(
             # DDP averages gradients on every backward; only the last micro-batch needs to.
             sync = contextlib.nullcontext() if (a == accum - 1 or world == 1) else model.no_sync()
             with sync:
-                terms = losses(batch)
+                terms = objective(model, batch)
                 loss = sum(weights[name] * value for name, value in terms.items())
                 (loss / accum).backward()
             for name, value in terms.items():
@@ -470,6 +498,9 @@ def train(
                 final_metrics["step"] = step
                 # Where this process's time went: set-up (data, models, scoring) and the steps with evaluation.
                 final_metrics["perf/setup_s"] = loop_started - entered
+                final_metrics["perf/setup_data_s"] = data_ready - entered  # tokenizers, data, teacher load
+                final_metrics["perf/setup_student_s"] = models_ready - data_ready
+                final_metrics["perf/setup_selection_s"] = loop_started - models_ready  # scoring or cache
                 final_metrics["perf/loop_s"] = time.perf_counter() - loop_started
             states = full_states(model, optimizer)  # every rank: under FSDP this is a gather
             if me == 0:

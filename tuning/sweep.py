@@ -99,6 +99,8 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
 
     from tuning.trainer import ReportRelay
 
+    entered = time.perf_counter()
+    timing = {"perf/trial/process_start_s": _process_start_cost()}
     spec = context.spec
     trial_id = tune.get_context().get_trial_id()
     out = Path(context.trials_root, trial_id)
@@ -116,16 +118,19 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
         # Where the trial ran: the node (the machine, on a cluster) and its host name.
         tags={"flexkd.node_id": ray.get_runtime_context().get_node_id(), "flexkd.host": socket.gethostname()},
     )
+    timing["perf/trial/mlflow_open_s"] = time.perf_counter() - entered
     try:
         remote = cfg.scaling.num_workers >= 1
         # MLflow first: Tune may stop (end) this trial as soon as it sees the result.
-        relay = ReportRelay(
-            [tracking.MlflowSink(context.uri, run_id), TuneSink(spec.objective.metric, remote)]
-        )
+        mlflow_sink = tracking.MlflowSink(context.uri, run_id)
+        relay = ReportRelay([mlflow_sink, TuneSink(spec.objective.metric, remote)])
         started = time.perf_counter()
         final_dir = fit_trial(cfg, relay, context, trial_id, out)
         metrics = artifacts.read_metrics(final_dir)
-        metrics["perf/trial_fit_s"] = time.perf_counter() - started
+        timing["perf/trial/fit_s"] = time.perf_counter() - started
+        if not remote:  # the sink ran in this process: its time is known
+            timing["perf/trial/mlflow_steps_s"] = mlflow_sink.seconds
+        metrics.update(timing)
         (out / artifacts.CONFIG).write_text(dump_yaml(cfg))
         value = metrics.get(spec.objective.metric)
         keep = value is not None and tracking.should_log_student(
@@ -137,10 +142,36 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
             value,
             spec.tracking.register_top,
         )
+        closing = time.perf_counter()
         tracking.finish_child(context.uri, run_id, final_dir, metrics, log_student=keep)
+        done = time.perf_counter()
+        tracking.log_metrics(
+            context.uri,
+            run_id,
+            {"perf/trial/mlflow_close_s": done - closing, "perf/trial/in_trial_s": done - entered},
+            0,
+        )
     except Exception:
         tracking.fail_child(context.uri, run_id, traceback.format_exc())
         raise
+
+
+_TRIALS_IN_THIS_PROCESS = 0
+
+
+def _process_start_cost() -> float:
+    """Seconds between this process's start and now, for the first trial a process runs (its spawn and
+    imports); 0 for a process Tune reuses. Linux only (reads /proc); NaN elsewhere."""
+    global _TRIALS_IN_THIS_PROCESS
+    _TRIALS_IN_THIS_PROCESS += 1
+    if _TRIALS_IN_THIS_PROCESS > 1:
+        return 0.0
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def fit_trial(cfg: Config, relay, context: SweepContext, trial_id: str, out: Path) -> Path:

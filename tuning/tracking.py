@@ -232,13 +232,19 @@ class MlflowSink:
     def __init__(self, uri: str, run_id: str):
         self.uri = uri
         self.run_id = run_id
+        self.seconds = 0.0  # time spent logging (part of a trial's overhead)
 
     def report(self, metrics: dict, step: int, checkpoint_path: str | None) -> None:
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        log_metrics(self.uri, self.run_id, numeric, step)
+        self._log(numeric, step)
 
     def event(self, name: str, value: Any, step: int) -> None:
-        log_metrics(self.uri, self.run_id, {f"event/{name}": float(value)}, step)
+        self._log({f"event/{name}": float(value)}, step)
+
+    def _log(self, metrics: dict, step: int) -> None:
+        start = time.perf_counter()
+        log_metrics(self.uri, self.run_id, metrics, step)
+        self.seconds += time.perf_counter() - start
 
 
 def should_log_student(
