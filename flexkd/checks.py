@@ -118,7 +118,10 @@ def _fast_tokenizer(source: str):
         return None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(file))
+    tok = Tokenizer.from_file(str(file))
+    tok.no_padding()  # some folders save a fixed padding length; the probe compares the text's own tokens
+    tok.no_truncation()
+    return tok
 
 
 def _vocab_and_tokens(source: str, task: str, texts: list[str]):

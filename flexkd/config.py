@@ -113,6 +113,8 @@ class Scoring:
     """Scoring batch size; with 'grad' it changes the scores, so it is a sweep dimension."""
     num_examples: int = 512
     """Size of the scoring set drawn from the training split (fewer if the split is smaller)."""
+    cache: str = ""
+    """Folder (or s3://, gs:// URI) where scores are kept between runs, keyed by content; empty: no cache."""
 
 
 @dataclass
@@ -651,6 +653,7 @@ def resolve_paths(cfg: Config) -> None:
     if cfg.teacher.tokenizer != "demo":
         cfg.teacher.tokenizer = absolute(cfg.teacher.tokenizer)
     cfg.student.path = absolute(cfg.student.path)
+    cfg.scoring.cache = absolute(cfg.scoring.cache)
     if cfg.data.source != "demo" and not cfg.data.source.startswith("demo:"):
         cfg.data.source = absolute(cfg.data.source)
 

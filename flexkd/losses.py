@@ -105,8 +105,9 @@ KD_LOSSES = {"fkl": kd_fkl, "rkl": kd_rkl, "skl": kd_skl, "srkl": kd_srkl, "jsd"
 def _aligned(student_hidden, teacher_hidden, mask, units):
     """(N, k) student and (N, k) detached teacher features at the masked positions, in float32."""
     k = units.numel()
-    s = student_hidden[mask][:, :k].float()
-    t = teacher_hidden[mask][:, units].detach().float()
+    # Narrow to the aligned dims before the mask: the masked copy is then (N, k), not (N, d).
+    s = student_hidden[..., :k][mask].float()
+    t = teacher_hidden.detach().index_select(-1, units)[mask].float()
     return s, t
 
 
@@ -114,7 +115,9 @@ def pearson_correlations(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Per-column Pearson correlation of two (N, k) matrices -> (k,). Zero-variance columns give 0."""
     s = s - s.mean(0)
     t = t - t.mean(0)
-    denom = torch.sqrt((s * s).sum(0) * (t * t).sum(0)).clamp_min(EPS)
+    # eps inside each square root: a (near-)constant column then has correlation ~0 and a finite gradient;
+    # clamping sqrt(0) from below would leave an infinite d sqrt / dx behind the clamp, and NaN weights.
+    denom = torch.sqrt((s * s).sum(0) + EPS) * torch.sqrt((t * t).sum(0) + EPS)
     return (s * t).sum(0) / denom
 
 
@@ -128,7 +131,8 @@ def feature_pearson(student_hidden, teacher_hidden, mask, units, projector=None)
 
 
 def _standardise(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(EPS)
+    centred = x - x.mean(0)
+    return centred / torch.sqrt((centred * centred).mean(0) + EPS)  # eps inside the root, as in pearson
 
 
 def feature_mse_std(student_hidden, teacher_hidden, mask, units, projector=None):

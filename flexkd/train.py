@@ -68,7 +68,7 @@ Report = Callable[..., None]
 
 
 class ScoreCache(Protocol):
-    """Where scores persist between runs (tuning.cache.ScoreCache); None scores every time."""
+    """Where scores persist between runs (flexkd.scorecache.ScoreCache); None scores every time."""
 
     def key(self, material: dict) -> str: ...
 
@@ -335,6 +335,10 @@ def train(
     """
     # --- setup ---------------------------------------------------------------------------------------
     entered = time.perf_counter()
+    if score_cache is None and cfg.scoring.cache:
+        from flexkd.scorecache import ScoreCache as FileScoreCache
+
+        score_cache = FileScoreCache(cfg.scoring.cache)
     torch.manual_seed(cfg.run.seed)
     need_teacher = uses_teacher(cfg)
     bench = open_workbench(cfg, need_teacher)

@@ -8,7 +8,7 @@ import time
 import torch
 
 from flexkd.scoring import SCORERS, ScoreSet, UnitScores
-from tuning.cache import ScoreCache
+from flexkd.scorecache import ScoreCache
 
 
 def get(cache: ScoreCache, material: dict, compute) -> ScoreSet:

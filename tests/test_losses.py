@@ -255,3 +255,17 @@ def test_pearson_correlations_of_constant_columns_are_zero_not_nan():
     s = torch.ones(5, 2)
     t = torch.randn(5, 2)
     assert torch.equal(pearson_correlations(s, t), torch.zeros(2))
+
+
+@pytest.mark.parametrize("name", ["pearson", "mse_std"])
+def test_a_constant_feature_column_gives_finite_gradients(name, hidden):
+    """A student dim that is constant over the batch (it happens with real checkpoints) must not NaN the step."""
+    hs, ht, mask, units = hidden
+    hs = hs.clone()
+    hs[..., 3] = 7.0  # constant student dim
+    ht = ht.clone()
+    ht[..., units[5]] = -2.0  # constant teacher unit
+    hs.requires_grad_(True)
+    loss = FEATURE_LOSSES[name](hs, ht, mask, units)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(hs.grad).all()

@@ -213,7 +213,7 @@ def test_cli_teacher_train_score_eval(tmp_path, monkeypatch, capsys):
 
 
 def test_a_second_run_with_the_same_scoring_settings_does_not_rescore(disk, tmp_path):
-    from tuning.cache import ScoreCache
+    from flexkd.scorecache import ScoreCache
 
     cache = ScoreCache(str(tmp_path / "cache"))
     cfg = demo_cfg(disk, tmp_path, "train.steps=4", "train.eval_every=0")

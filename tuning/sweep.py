@@ -179,7 +179,7 @@ def fit_trial(cfg: Config, relay, context: SweepContext, trial_id: str, out: Pat
     from ray.train import FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tuning.cache import ScoreCache
+    from flexkd.scorecache import ScoreCache
     from tuning.trainer import scaling_config, worker_main
 
     cache_root = f"{context.storage}/score-cache"

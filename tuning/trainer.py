@@ -55,7 +55,7 @@ def worker_main(payload: dict) -> None:
     import ray.train
 
     from flexkd.train import train
-    from tuning.cache import ScoreCache
+    from flexkd.scorecache import ScoreCache
 
     cfg = from_dict(payload["config"])
     checkpoint = ray.train.get_checkpoint()

@@ -1,4 +1,4 @@
-"""A score cache in the run storage: teachers are scored once per scoring setting, not once per trial.
+"""A score cache: teachers are scored once per scoring setting, not once per run or trial.
 
 The key is a content hash: a fingerprint of the teacher's files (names, sizes, modification times and the
 first MiB of each, so that a re-fine-tuned teacher at the same path is a new key), the scoring rows
