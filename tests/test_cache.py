@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from flexkd.scoring import SCORERS, ScoreSet, UnitScores
 from flexkd.scorecache import ScoreCache
+from flexkd.scoring import SCORERS, ScoreSet, UnitScores
 
 
 def get(cache: ScoreCache, material: dict, compute) -> ScoreSet:

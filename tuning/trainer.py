@@ -54,8 +54,8 @@ def worker_main(payload: dict) -> None:
     """Entry point of every Train worker."""
     import ray.train
 
-    from flexkd.train import train
     from flexkd.scorecache import ScoreCache
+    from flexkd.train import train
 
     cfg = from_dict(payload["config"])
     checkpoint = ray.train.get_checkpoint()
