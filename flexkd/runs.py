@@ -52,9 +52,9 @@ def prepare_teacher(cfg: Config, quiet: bool = False) -> dict:
     Written to a staging folder and renamed at the end, so an interrupted fine-tune never leaves a
     half-written teacher that a later run would take for a finished one.
     """
+    check_teacher_recipe(cfg)
     from flexkd.train import train
 
-    check_teacher_recipe(cfg)
     recipe = teacher_recipe(cfg)
     dest = Path(cfg.teacher.path)
     work = dest.with_name(dest.name + ".partial")
@@ -84,9 +84,9 @@ def ensure_teacher(cfg: Config, quiet: bool = False) -> None:
 
 def distil(cfg: Config, quiet: bool = False, resume: bool = False) -> dict:
     """`flexkd train` without Ray: checks, teacher if needed, the loop, then the artifacts into run.output_dir."""
+    preflight(cfg)  # before torch is even imported: a bad input fails in a fraction of a second
     from flexkd.train import train
 
-    preflight(cfg)
     ensure_teacher(cfg, quiet=quiet)
     out = Path(cfg.run.output_dir)
     checkpoint = out / "checkpoints" / "latest"
@@ -107,9 +107,9 @@ def distil(cfg: Config, quiet: bool = False, resume: bool = False) -> dict:
 
 def score_only(cfg: Config) -> Path:
     """`flexkd score`: score and select with the teacher, write ``run.output_dir/selection.json`` only."""
+    check_scoring(cfg)
     from flexkd.train import score_and_select
 
-    check_scoring(cfg)
     selections, _ = score_and_select(cfg)
     return write_selection(cfg, selections)
 

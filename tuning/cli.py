@@ -80,7 +80,10 @@ def cmd_teacher(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from flexkd.checks import preflight
+
     cfg = load_config(args.config, args.overrides)
+    preflight(cfg)  # before torch or Ray is imported: a bad input fails in a fraction of a second
     if cfg.scaling.num_workers >= 1:
         from tuning.trainer import fit
 
@@ -95,7 +98,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_score(args) -> int:
+    from flexkd.runs import check_scoring
+
     cfg = load_config(args.config, args.overrides)
+    check_scoring(cfg)
     if cfg.scaling.num_workers >= 1:
         from tuning.trainer import score
 
