@@ -312,3 +312,42 @@ def test_a_killed_sweep_driver_resumes_with_exactly_the_planned_trials(disk, tmp
     assert all(r.info.status == "FINISHED" for r in runs)
     board = (tmp_path / "flexkd-runs" / "sweeps" / "resume-leaderboard.csv").read_text().splitlines()
     assert len(board) == 1 + 4
+
+
+def test_a_failing_trial_is_recorded_as_failed_and_the_sweep_goes_on(
+    ray_cluster, disk, tmp_path, monkeypatch
+):
+    from tuning.sweep import run_sweep
+
+    monkeypatch.chdir(tmp_path)
+    path = write_sweep(
+        tmp_path / "fails.yaml",
+        base="demo",
+        overrides=[
+            f"teacher.path={disk['teacher_cls']}",
+            "train.steps=6",
+            "train.eval_every=6",
+            "train.log_every=3",
+            "eval.max_examples=32",
+            "data.max_train_examples=200",
+            "scoring.num_examples=16",
+            "optim.warmup_steps=0",
+            "optim.max_grad_norm=0",
+        ],
+        space={"optim.lr": {"choice": [0.001, 1.0e12]}},  # 1e12: the weights blow up, the loss is not finite
+        start_points=[{"optim.lr": 0.001}, {"optim.lr": 1.0e12}],
+        trials=2,
+        concurrency=1,
+        scheduler={"name": "none"},
+        tracking={"experiment": "test-fails", "register_top": 0},
+    )
+    spec, raw = load_sweep(str(path))
+    summary = run_sweep(spec, raw, quiet=True)
+    by_status = {r["status"]: r for r in summary["leaderboard"]}
+    assert set(by_status) == {"FINISHED", "FAILED"}
+    assert summary["best"]["trial_id"] == by_status["FINISHED"]["trial_id"]
+    client = tracking.client(tracking.tracking_uri())
+    failed = client.get_run(by_status["FAILED"]["run_id"])
+    assert "FloatingPointError" in failed.data.tags["flexkd.error"]
+    assert "error.txt" in {a.path for a in client.list_artifacts(failed.info.run_id)}
+    assert "registered" not in summary  # register_top=0
