@@ -6,8 +6,8 @@ before ``train`` starts, and the loop shards data, scoring and evaluation across
 ``torch.distributed``. It imports no Ray and no MLflow.
 
 ``report(metrics: dict[str, float], step: int, checkpoint: str | None)`` is called the same number of times
-on every rank; only rank 0 passes a checkpoint folder (see ``flexkd.artifacts`` for its layout). The caller
-owns it afterwards (moves, uploads or deletes it).
+on every rank; only rank 0 passes a checkpoint folder (see ``flexkd.artifacts`` for its layout). The folder
+lives for the call only: ``report`` moves or uploads what it wants to keep, and the loop deletes what is left.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -522,7 +523,11 @@ def train(
         if log_now or eval_now or ckpt_now:  # the same steps on every rank
             metrics.update(events)
             events.clear()
-            report(metrics, step, checkpoint)
+            try:
+                report(metrics, step, checkpoint)
+            finally:
+                if checkpoint:  # moved or uploaded by now, if the reporter keeps checkpoints
+                    shutil.rmtree(checkpoint, ignore_errors=True)
     return final_metrics
 
 
@@ -572,7 +577,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 def save_checkpoint(
     cfg, model, tok, projector, selections, states: tuple[dict | None, dict], scheduler, step, final_metrics
 ) -> str:
-    """Write a checkpoint folder (layout in flexkd.artifacts) and return its path; the caller owns it.
+    """Write a checkpoint folder (layout in flexkd.artifacts) and return its path (deleted after ``report``).
 
     ``states`` is ``full_states(model, optimizer)``, gathered beforehand on every rank.
     """

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 import time
 from contextlib import nullcontext
@@ -41,13 +40,12 @@ EVENT_PREFIX = "event/"
 
 def ray_report(metrics: dict, step: int, checkpoint: str | None = None) -> None:
     """The loop's ``report`` inside a Train worker: ``ray.train.report`` with the step, and the checkpoint
-    folder handed over to Ray (persisted to the run's storage, then the local copy is removed)."""
+    folder handed over to Ray, which persists it to the run's storage before returning (the loop then
+    deletes the local folder)."""
     import ray.train
 
     ckpt = ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None
     ray.train.report({"step": step, **metrics}, checkpoint=ckpt)
-    if checkpoint:
-        shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def worker_main(payload: dict) -> None:
