@@ -115,7 +115,12 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=["before", "after"], choices=["before", "after"])
     parser.add_argument("--override", action="append", default=[], help="extra key=value for the sweep")
     parser.add_argument("--json")
+    parser.add_argument(
+        "--keep", help="run in this folder and keep its MLflow store (default: a temp folder)"
+    )
     args = parser.parse_args(argv)
+    if args.json:
+        args.json = str(Path(args.json).resolve())  # each sweep runs from its own scratch folder
     teacher = str(Path(args.teacher).resolve())
     if not Path(teacher, "config.json").exists():
         from flexkd.config import load_config
@@ -123,10 +128,11 @@ def main(argv=None) -> int:
 
         prepare_teacher(load_config("demo", [f"teacher.path={teacher}"]), quiet=True)
     results = []
+    keep = Path(args.keep).resolve() if args.keep else None
     with tempfile.TemporaryDirectory(prefix="flexkd-overhead-") as tmp:
         for variant in args.variants:
-            workdir = Path(tmp, variant)
-            workdir.mkdir()
+            workdir = Path(keep or tmp, variant)
+            workdir.mkdir(parents=True)
             results.append(sweep_once(variant, args.trials, teacher, workdir, args.override))
     summaries = [summarize(r) for r in results]
     print(

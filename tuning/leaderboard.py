@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -176,15 +177,16 @@ def _log_plots(c, context: SweepContext, rows: list[dict]) -> None:
         ("parallel_coordinate.png", plots.plot_parallel_coordinate),
     ):
         try:
-            axes = draw(study)
+            # optuna's matplotlib plots are 'experimental', and small studies warn: not the user's business
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = draw(study)
             figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
             figure.set_size_inches(10, 6)
             figure.tight_layout()
             c.log_figure(context.parent_id, figure, f"plots/{name}")
             matplotlib.pyplot.close(figure)
-        except (
-            Exception
-        ) as err:  # optuna refuses some plots (e.g. importances of fewer than 2 complete trials)
+        except Exception as err:  # optuna refuses some plots (e.g. importances of fewer than 2 trials)
             notes.append(f"{name}: not drawn ({type(err).__name__}: {err})")
     if notes:
         c.log_text(context.parent_id, "\n".join(notes) + "\n", "plots/NOTES.txt")

@@ -178,7 +178,7 @@ def fit_trial(cfg: Config, relay, context: SweepContext, trial_id: str, out: Pat
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from flexkd.scorecache import ScoreCache
-    from tuning.trainer import scaling_config, worker_main
+    from tuning.trainer import poll_reports_often, scaling_config, worker_main
 
     cache_root = f"{context.storage}/score-cache"
     run_config = dict(storage_path=context.storage, logging_config=LoggingConfig(log_level="WARNING"))
@@ -204,6 +204,7 @@ def fit_trial(cfg: Config, relay, context: SweepContext, trial_id: str, out: Pat
             run_config=RunConfig(name=f"trial-{trial_id}", **run_config),
         ).fit()
         return latest
+    poll_reports_often()
     trainer = TorchTrainer(
         worker_main,
         train_loop_config={"config": to_dict(cfg), "score_cache": cache_root},

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from contextlib import nullcontext
@@ -186,6 +187,18 @@ class DriverLog:
             f.write(json.dumps(record) + "\n")
 
 
+# Ray Train's controller takes one report per worker each time it polls them (every 2 s by default), and a
+# worker's ray.train.report blocks while its previous report is still waiting: a loop reporting every 0.5 s
+# ran 4x slower than in-process (0.08 s against 0.02 s per step, measured on the demo). The controller reads
+# this variable from the process that calls fit(). A value the user has set wins.
+REPORT_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+def poll_reports_often() -> None:
+    for key, value in REPORT_POLL_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def storage_root(cfg: Config) -> str:
     return cfg.scaling.storage_path or str(Path("./flexkd-runs/ray").resolve())
 
@@ -203,7 +216,6 @@ def scaling_config(cfg: Config):
 
 def check_resources(cfg: Config) -> None:
     """On a local cluster, a request it can never satisfy is an error now, not a wait forever."""
-    import os
 
     from tuning.session import cluster_cpus
 
@@ -249,6 +261,7 @@ def fit(cfg: Config, quiet: bool = False, resume: bool = False, num_cpus: int | 
             (out / stale).unlink(missing_ok=True)
     (out / artifacts.CONFIG).write_text(dump_yaml(cfg))
     queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    poll_reports_often()
     trainer = TorchTrainer(
         worker_main,
         train_loop_config={"config": to_dict(cfg), "score_cache": f"{storage_root(cfg)}/score-cache"},
@@ -299,6 +312,7 @@ def score(cfg: Config, quiet: bool = False, num_cpus: int | None = None):
     check_scoring(cfg)
     start_ray(num_cpus=num_cpus, quiet=quiet)
     check_resources(cfg)
+    poll_reports_often()
     trainer = TorchTrainer(
         score_worker,
         train_loop_config={"config": to_dict(cfg)},
