@@ -82,7 +82,7 @@ def runs(args) -> list[dict]:
                         "overrides": [f"student.path={ASSETS / path}", *over, f"run.seed={seed}"],
                     }
                 )
-    for seed in args.seeds:
+    for seed in args.ablation_seeds or args.seeds:
         for strategy in STRATEGIES[1:]:
             plan.append(
                 {
@@ -188,7 +188,7 @@ def report(args, out: Path) -> dict:
     print("\n# selection ablation (Flex-KD + KD)")
     print(table(ablation, ["student", "selection", "seeds", "accuracy", "macro-F1"]))
     if rows:
-        plot(rows, teacher, out / "quality.png")
+        plot(rows, teacher, args.ablation_student, out / "quality.png")
     payload = {
         "teacher": teacher,
         "runs": results,
@@ -199,7 +199,7 @@ def report(args, out: Path) -> dict:
     return payload
 
 
-def plot(rows: list[dict], teacher: dict, path: Path) -> None:
+def plot(rows: list[dict], teacher: dict, ablation_student: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,10 +222,11 @@ def plot(rows: list[dict], teacher: dict, path: Path) -> None:
     if "test/accuracy" in teacher:
         axes[0].axhline(teacher["test/accuracy"], ls="--", c="gray", label="teacher")
     axes[0].set_xticks(range(len(methods)), methods, rotation=15)
+    axes[0].set_xlim(-0.5, len(methods) - 0.5)
     axes[0].set_ylabel("test accuracy (mean ± std over seeds)")
     axes[0].set_title("IMDB: methods per student")
-    axes[0].legend()
-    ablation = [r for r in rows if r["method"] == "Flex-KD + KD"]
+    axes[0].legend(loc="center right")
+    ablation = [r for r in rows if r["method"] == "Flex-KD + KD" and r["student"] == ablation_student]
     for i, student in enumerate(sorted({r["student"] for r in ablation})):
         picked = {r["selection"]: r for r in ablation if r["student"] == student}
         xs = [s for s in STRATEGIES if s in picked]
@@ -238,7 +239,8 @@ def plot(rows: list[dict], teacher: dict, path: Path) -> None:
             label=student,
         )
     axes[1].set_xticks(range(len(STRATEGIES)), STRATEGIES)
-    axes[1].set_title("Flex-KD: selection ablation")
+    axes[1].set_xlim(-0.5, len(STRATEGIES) - 0.5)
+    axes[1].set_title(f"Flex-KD + KD on {ablation_student}: which teacher units")
     axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -260,6 +262,12 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher-steps", type=int, default=200)
     parser.add_argument("--feature-weight", type=float, default=1.0)
     parser.add_argument("--ablation-student", default="MiniLM-L3", choices=list(STUDENTS))
+    parser.add_argument(
+        "--ablation-seeds",
+        type=int,
+        nargs="+",
+        help="seeds of the random/variance/first runs (default: --seeds)",
+    )
     parser.add_argument(
         "--report", action="store_true", help="only print the tables and plot from finished runs"
     )
