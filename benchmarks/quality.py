@@ -225,7 +225,7 @@ def plot(rows: list[dict], teacher: dict, ablation_student: str, path: Path) -> 
     axes[0].set_xlim(-0.5, len(methods) - 0.5)
     axes[0].set_ylabel("test accuracy (mean ± std over seeds)")
     axes[0].set_title("IMDB: methods per student")
-    axes[0].legend(loc="center right")
+    axes[0].legend(loc="upper left", bbox_to_anchor=(0.01, 0.9))  # below the teacher line, above the points
     ablation = [r for r in rows if r["method"] == "Flex-KD + KD" and r["student"] == ablation_student]
     for i, student in enumerate(sorted({r["student"] for r in ablation})):
         picked = {r["selection"]: r for r in ablation if r["student"] == student}
