@@ -206,40 +206,35 @@ def plot(rows: list[dict], teacher: dict, ablation_student: str, path: Path) -> 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    students = sorted({r["student"] for r in rows})
-    methods = list(METHODS)
-    for i, student in enumerate(students):
-        picked = {r["method"]: r for r in rows if r["student"] == student and r["selection"] == "gradient"}
-        xs = [m for m in methods if m in picked]
-        axes[0].errorbar(
-            [methods.index(m) + 0.1 * i for m in xs],
-            [picked[m]["_acc"] for m in xs],
-            yerr=[picked[m]["_sd"] for m in xs],
+
+    def points(ax, categories: list[str], picked: dict[str, dict], nudge: float, label: str) -> None:
+        """Mean ± std per category, at the category's tick (nudged so that students do not overlap)."""
+        xs = [c for c in categories if c in picked]
+        ax.errorbar(
+            [categories.index(c) + nudge for c in xs],
+            [picked[c]["_acc"] for c in xs],
+            yerr=[picked[c]["_sd"] for c in xs],
             fmt="o",
             capsize=4,
-            label=student,
+            label=label,
         )
+        ax.set_xticks(range(len(categories)), categories, rotation=15 if ax is axes[0] else 0)
+        ax.set_xlim(-0.5, len(categories) - 0.5)
+
+    methods = list(METHODS)
+    for i, student in enumerate(sorted({r["student"] for r in rows})):
+        picked = {r["method"]: r for r in rows if r["student"] == student and r["selection"] == "gradient"}
+        points(axes[0], methods, picked, 0.1 * i, student)
     if "test/accuracy" in teacher:
         axes[0].axhline(teacher["test/accuracy"], ls="--", c="gray", label="teacher")
-    axes[0].set_xticks(range(len(methods)), methods, rotation=15)
-    axes[0].set_xlim(-0.5, len(methods) - 0.5)
     axes[0].set_ylabel("test accuracy (mean ± std over seeds)")
     axes[0].set_title("IMDB: methods per student")
     axes[0].legend(loc="upper left", bbox_to_anchor=(0.01, 0.9))  # below the teacher line, above the points
-    ablation = [r for r in rows if r["method"] == "Flex-KD + KD" and r["student"] == ablation_student]
-    for i, student in enumerate(sorted({r["student"] for r in ablation})):
-        picked = {r["selection"]: r for r in ablation if r["student"] == student}
-        xs = [s for s in STRATEGIES if s in picked]
-        axes[1].errorbar(
-            [STRATEGIES.index(s) + 0.1 * i for s in xs],
-            [picked[s]["_acc"] for s in xs],
-            yerr=[picked[s]["_sd"] for s in xs],
-            fmt="o",
-            capsize=4,
-            label=student,
-        )
-    axes[1].set_xticks(range(len(STRATEGIES)), STRATEGIES)
-    axes[1].set_xlim(-0.5, len(STRATEGIES) - 0.5)
+    ablation = {
+        r["selection"]: r for r in rows if r["method"] == "Flex-KD + KD" and r["student"] == ablation_student
+    }
+    if ablation:
+        points(axes[1], STRATEGIES, ablation, 0.0, ablation_student)
     axes[1].set_title(f"Flex-KD + KD on {ablation_student}: which teacher units")
     axes[1].legend()
     fig.tight_layout()
