@@ -1,6 +1,6 @@
 """Step cost of SFT, logit KD, projector + KD and Flex-KD + KD, side by side on one teacher/student/batch.
 
-Every method is one optimizer step of ``flexkd.train.Objective`` (the loop's own loss code) on its own copy
+Every method is one optimizer step of ``flexkd.objective.Objective`` (the loop's own loss code) on its own copy
 of the same student. After warm-up the repeats are interleaved (one step of each method in turn), so a
 noisy, shared machine slows every method alike; the table gives median step time, tokens/s, memory and
 each method's ratio to logit KD. Goal: Flex-KD <= 1.03x logit KD, and no more memory than the projector.
@@ -163,7 +163,7 @@ def run(
     import torch
 
     from flexkd.config import load_config
-    from flexkd.train import Objective
+    from flexkd.objective import Objective
 
     device = torch.device(device_name)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -195,7 +195,7 @@ def run(
         start = time.perf_counter()
         with SavedBytes() as saved:
             terms = objective(student, batch)
-            loss = sum(objective.weights[k] * v for k, v in terms.items())
+            loss = objective.total(terms)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # keep the gradient buffers: they are part of the footprint

@@ -1,7 +1,8 @@
 """flexkd: Flex-KD feature distillation for LLMs of any hidden size.
 
 The public surface is small; heavy modules (torch, transformers) load only when their names are used, so
-that reading and checking a config stays fast.
+that reading and checking a config stays fast. The loop is ``flexkd.train.train`` (``flexkd.train`` is the
+module: a facade attribute of the same name would be shadowed by it once it is imported).
 """
 
 from flexkd.config import Config, ConfigError, load_config
@@ -10,7 +11,6 @@ __all__ = [
     "Config",
     "ConfigError",
     "load_config",
-    "train",
     "FEATURE_LOSSES",
     "KD_LOSSES",
     "SCORERS",
@@ -19,7 +19,6 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY = {
-    "train": "flexkd.train",
     "FEATURE_LOSSES": "flexkd.losses",
     "KD_LOSSES": "flexkd.losses",
     "SCORERS": "flexkd.scoring",

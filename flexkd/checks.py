@@ -9,7 +9,6 @@ names (and tokenizers without a ``tokenizer.json``) take the slower transformers
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from flexkd import demo
@@ -18,11 +17,11 @@ from flexkd.config import (
     Config,
     ConfigError,
     is_local_path,
-    resolve_layer_map,
     uses_selection,
     uses_teacher,
 )
 from flexkd.data import TASK_COLUMNS, check_columns, local_files, peek_columns
+from flexkd.plan import ModelDims, RunPlan, make_plan
 
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -31,25 +30,6 @@ PROBE_TEXTS = [
     "Flex-KD aligns a student's hidden state with the teacher's task-relevant units!",
     "Tokenizers: 12,345 naïve cafés; don't split me unexpectedly?",
 ]
-
-
-@dataclass
-class ModelDims:
-    hidden: int
-    layers: int
-    model_type: str
-    vocab: int = 0
-
-
-@dataclass
-class Plan:
-    """What the checks established; the loop recomputes the same from the loaded models."""
-
-    teacher: ModelDims
-    student: ModelDims
-    layer_map: list[tuple[int, int]]
-    k: int
-    train_rows: int | None
 
 
 def _first(conf: dict, keys: tuple[str, ...], what: str, where: str) -> int:
@@ -222,31 +202,39 @@ def teacher_ready(cfg: Config) -> bool:
     return not is_local_path(path) or Path(path, "config.json").is_file()
 
 
-def preflight(cfg: Config) -> Plan:
-    """Every file-level check of a distillation run. Raises ConfigError naming the key or file."""
-    train_rows, texts = check_data(cfg)
-    if teacher_ready(cfg):
-        teacher = model_dims(cfg.teacher.path, "teacher.path")
-        teacher_tok = cfg.teacher.path
-    elif cfg.teacher.auto_prepare:
-        teacher = check_teacher_recipe(cfg)
-        teacher_tok = cfg.teacher.tokenizer or cfg.teacher.base
-    else:
+def _teacher(cfg: Config) -> tuple[ModelDims | None, str, list[str]]:
+    """(the teacher's dims, where its tokenizer is, notes). A run that needs no teacher (fine-tuning the
+    teacher itself) reads it only if it is there: a fresh student's architecture copies missing fields."""
+    needed = uses_teacher(cfg)
+    if teacher_ready(cfg) and cfg.teacher.path != "demo":
+        try:
+            return model_dims(cfg.teacher.path, "teacher.path"), cfg.teacher.path, []
+        except ConfigError:
+            if needed:
+                raise
+            return None, cfg.teacher.path, []
+    if cfg.teacher.auto_prepare:
+        note = f"teacher.path: {cfg.teacher.path} is not fine-tuned yet; checked against its recipe instead"
+        return check_teacher_recipe(cfg), cfg.teacher.tokenizer or cfg.teacher.base, [note]
+    if needed:
         raise ConfigError(
             f"teacher.path: {cfg.teacher.path} does not exist; run `flexkd teacher` on this config to fine-tune "
             f"one, or set teacher.auto_prepare=true"
         )
+    return None, cfg.teacher.path, []
+
+
+def preflight(cfg: Config) -> RunPlan:
+    """Every file-level check of a run, and the run plan they establish. Raises ConfigError naming the key
+    or file. The one owner of these checks: callers keep the plan instead of checking again."""
+    train_rows, texts = check_data(cfg)
+    teacher, teacher_tok, notes = _teacher(cfg)
     if cfg.student.path:
         student = model_dims(cfg.student.path, "student.path")
     else:
         student = arch_dims(cfg.student.arch, teacher, "student.arch")
-    layer_map = resolve_layer_map(cfg.feature.layers, teacher.layers, student.layers)
-    k = cfg.selection.k or student.hidden
-    if uses_selection(cfg) and not 1 <= k <= min(teacher.hidden, student.hidden):
-        raise ConfigError(
-            f"selection.k: {k} is out of range; it must be 1..{min(teacher.hidden, student.hidden)} "
-            f"(min of teacher hidden {teacher.hidden}, student hidden {student.hidden})"
-        )
+    plan = make_plan(cfg, teacher, student, train_rows)
+    plan.notes = notes
     if (
         cfg.feature.loss in SELECTING_FEATURE_LOSSES
         and cfg.feature.tokens == "response"
@@ -266,7 +254,7 @@ def preflight(cfg: Config) -> Plan:
             f"scoring.batch_size: the scoring set has {scoring_rows} examples, fewer than one batch of "
             f"{cfg.scoring.batch_size}"
         )
-    return Plan(teacher, student, layer_map, k, train_rows)
+    return plan
 
 
 def check_teacher_recipe(cfg: Config) -> ModelDims:

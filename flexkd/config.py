@@ -1,30 +1,34 @@
 """Run configuration: nested dataclasses, YAML presets, dotted ``key=value`` overrides.
 
 One vocabulary of dotted keys (``selection.k``, ``kd.weight``, ``optim.lr`` ...) serves YAML files, the CLI,
-the sweep space, MLflow params and the exported best config. This module imports no torch: every check here
+the sweep space, MLflow params and the exported best config. The generic dotted-config machine is
+``flexkd.dotted``; this module is the schema and its static checks. It imports no torch: every check here
 runs in well under a second, before any model, tokenizer or Ray worker exists. Checks that need files
 (model configs, tokenizers, dataset columns) live in ``flexkd.checks``.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from flexkd.dotted import (
+    ConfigError,
+    build_dataclass,
+    field_docs,
+    get_key,
+    merge,
+    parse_overrides,
+    read_yaml,
+)
+from flexkd.layermap import parse_layer_map
+
 PRESET_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A bad config value. The message is one line and names the key (or file) to change."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -376,95 +380,11 @@ def validate(cfg: Config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Layer maps
-
-
-def parse_layer_map(spec: Any) -> str | int | list[tuple[int, int]]:
-    """Parse a layer map into 'last', an int K (uniform) or explicit (teacher, student) pairs.
-
-    Accepted: 'last'; 'uniform:K'; 'T:S,T:S' (the form a sweep's categorical uses); [[T, S], ...].
-    """
-    if isinstance(spec, str):
-        text = spec.strip()
-        if text == "last":
-            return "last"
-        if text.startswith("uniform:"):
-            k = text.split(":", 1)[1]
-            if not k.isdigit() or int(k) < 1:
-                raise ConfigError(
-                    f"feature.layers: {spec!r}: uniform needs a pair count >= 1, e.g. uniform:2"
-                )
-            return int(k)
-        pairs = []
-        for part in text.split(","):
-            bits = part.strip().split(":")
-            try:
-                pairs.append((int(bits[0]), int(bits[1])))
-            except (ValueError, IndexError):
-                raise ConfigError(
-                    f"feature.layers: {spec!r} is not 'last', 'uniform:K' or 'T:S,T:S' pairs of integers"
-                ) from None
-            if len(bits) != 2:
-                raise ConfigError(f"feature.layers: {part!r} is not a T:S pair")
-        return pairs
-    if isinstance(spec, (list, tuple)) and spec:
-        pairs = []
-        for item in spec:
-            if not (
-                isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(i, int) for i in item)
-            ):
-                raise ConfigError(f"feature.layers: {item!r} is not a [teacher, student] pair of integers")
-            pairs.append((int(item[0]), int(item[1])))
-        return pairs
-    raise ConfigError(f"feature.layers: {spec!r} is not 'last', 'uniform:K', 'T:S,...' or a list of pairs")
-
-
-def resolve_layer_map(spec: Any, teacher_layers: int, student_layers: int) -> list[tuple[int, int]]:
-    """Turn a layer map into explicit non-negative (teacher, student) indices into ``hidden_states``.
-
-    ``*_layers`` count transformer blocks, so ``hidden_states`` has ``layers + 1`` entries (0 = embeddings).
-    'uniform:K' pairs block outputs at K evenly spaced depths, ending with last-to-last.
-    """
-    parsed = parse_layer_map(spec)
-    if parsed == "last":
-        pairs = [(-1, -1)]
-    elif isinstance(parsed, int):
-        k = parsed
-        if k > student_layers:
-            raise ConfigError(
-                f"feature.layers: uniform:{k} asks for more pairs than the student's {student_layers} layers"
-            )
-        pairs = [(round(i * teacher_layers / k), round(i * student_layers / k)) for i in range(1, k + 1)]
-    else:
-        pairs = parsed
-    out = []
-    for t, s in pairs:
-        for who, idx, n in (("teacher", t, teacher_layers), ("student", s, student_layers)):
-            if not -(n + 1) <= idx <= n:
-                raise ConfigError(
-                    f"feature.layers: {who} layer {idx} is out of range; the {who} has hidden_states "
-                    f"0..{n} (or -{n + 1}..-1)"
-                )
-        out.append((t % (teacher_layers + 1), s % (student_layers + 1)))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loading, overrides, dumping
+# Loading and dumping
 
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config groups at the top level")
-    return data
 
 
 def find_config_file(name: str) -> Path:
@@ -481,145 +401,13 @@ def find_config_file(name: str) -> Path:
 def read_config_dict(name: str) -> dict:
     """Read a config file as a nested dict, following ``extends: <preset or file>`` chains."""
     path = find_config_file(name)
-    data = _read_yaml(path)
+    data = read_yaml(path)
     parent = data.pop("extends", None)
     if parent:
         base = read_config_dict(parent)
         # A file that extends another restates whole fields: its teacher.arch replaces the parent's.
         return merge(base, data, depth=1)
     return data
-
-
-def merge(base: dict, over: dict, depth: int | None = None) -> dict:
-    """Recursive dict merge; ``over`` wins. Below ``depth`` levels, values replace instead of merging.
-
-    Dotted overrides merge all the way down (``student.arch.hidden_size=48`` changes one field of the arch).
-    """
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and (depth is None or depth > 0):
-            out[key] = merge(out[key], value, None if depth is None else depth - 1)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``["kd.weight=0.5", "feature.layers=uniform:2"]`` -> nested dict. Values are read as YAML scalars."""
-    nested: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"{item}: overrides look like key=value (e.g. selection.k=16)")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise ConfigError(f"{item}: empty key")
-        if ":" in raw and " " not in raw.strip() and not raw.strip().startswith(("[", "{")):
-            value = raw.strip()  # YAML 1.1 would read a layer pair such as 9:1 as the base-60 number 541
-        else:
-            try:
-                value = yaml.safe_load(raw) if raw.strip() else ""
-            except yaml.YAMLError:
-                value = raw
-        set_dotted(nested, key, value)
-    return nested
-
-
-def set_dotted(nested: dict, key: str, value: Any) -> dict:
-    """``set_dotted(d, "kd.weight", 0.5)`` sets ``d["kd"]["weight"]``, creating groups on the way."""
-    node = nested
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{key}: {part} is given both as a value and as a group")
-    node[parts[-1]] = value
-    return nested
-
-
-def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def valid_keys(cls=Config, prefix: str = "") -> list[str]:
-    keys = []
-    for name, tp in _field_types(cls).items():
-        if dataclasses.is_dataclass(tp):
-            keys += valid_keys(tp, f"{prefix}{name}.")
-        else:
-            keys.append(f"{prefix}{name}")
-    return keys
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if number != int(number):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(number)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)  # also accepts "1e-3", which YAML 1.1 reads as a string
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if tp is str:
-        if value is None:
-            return ""
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    if tp is list:
-        if value is None or value == "":
-            return []
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return list(value)
-    if tp is dict:
-        if value is None or value == "":
-            return {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    return value
-
-
-def build_dataclass(cls, data: dict, prefix: str = ""):
-    """A (nested) dataclass from a mapping; unknown keys fail naming the valid ones, values are coerced."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    types_ = _field_types(cls)
-    unknown = [k for k in data if k not in types_]
-    if unknown:
-        key = f"{prefix}{unknown[0]}"
-        group_keys = valid_keys(cls, prefix)
-        raise ConfigError(f"{key}: unknown key; valid keys here are {', '.join(group_keys)}")
-    kwargs = {}
-    for name, tp in types_.items():
-        if name not in data:
-            continue
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = build_dataclass(tp, data[name] or {}, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(f"{prefix}{name}", data[name], tp)
-    return cls(**kwargs)
 
 
 def from_dict(data: dict) -> Config:
@@ -662,48 +450,17 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> dotted keys (dict-valued fields such as data.columns flatten too)."""
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def get_key(cfg: Config, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        node = node[part] if isinstance(node, dict) else getattr(node, part)
-    return node
+def valid_keys() -> list[str]:
+    """Every dotted key of the run config."""
+    from flexkd.dotted import valid_keys as keys_of
+
+    return keys_of(Config)
 
 
 def key_docs() -> dict[str, str]:
-    """Dotted key -> its field docstring, read from this module's source (the text `flexkd show --keys` prints)."""
-    tree = ast.parse(inspect.getsource(inspect.getmodule(Config)))
-    docs_by_class: dict[str, dict[str, str]] = {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef):
-            docs = {}
-            body = node.body
-            for stmt, nxt in zip(body, body[1:]):
-                if (
-                    isinstance(stmt, ast.AnnAssign)
-                    and isinstance(stmt.target, ast.Name)
-                    and isinstance(nxt, ast.Expr)
-                    and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)
-                ):
-                    docs[stmt.target.id] = nxt.value.value
-            docs_by_class[node.name] = docs
-    out = {}
-    for group, tp in _field_types(Config).items():
-        for name in _field_types(tp):
-            out[f"{group}.{name}"] = docs_by_class.get(tp.__name__, {}).get(name, "")
-    return out
+    """Dotted key -> its field docstring (the text `flexkd show --keys` prints)."""
+    return field_docs(Config)

@@ -46,3 +46,18 @@ def is_sharded(model: torch.nn.Module) -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def wrap_distributed(student: torch.nn.Module, strategy: str, device: torch.device) -> torch.nn.Module:
+    """DDP (default) or FSDP2 (``fully_shard`` per transformer block, then the root) for large students."""
+    if strategy == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(student, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    block_names = set(getattr(student, "_no_split_modules", None) or [])
+    for module in student.modules():
+        if type(module).__name__ in block_names:
+            fully_shard(module)
+    fully_shard(student)
+    return student

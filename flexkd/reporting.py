@@ -1,4 +1,20 @@
-"""Reports of a run in this process: a one-line progress view, metrics.jsonl and the latest checkpoint."""
+"""The run folder, written the same way by every mode, and the sinks that watch it.
+
+``RunRecorder`` is the one implementation of a run's reports: the loop's ``report`` in this process, and
+what the Ray Train driver (``tuning.ray_train``) feeds with rank 0's reports, whether for `flexkd train` or
+for a sweep trial. It writes, under ``out``:
+
+    metrics.jsonl          one line per reported step: {"step": N, "train/...": ..., "val/...": ...}
+    events.jsonl           one-off facts: {"event": "scored_s" | "scores_cached" | "resumed_from_step" |
+                           "checkpoint", "value": ..., "step": N}
+    checkpoints/latest/    the newest checkpoint (layout in flexkd.artifacts); what --resume continues from
+    config.yaml            the resolved config
+    student/ selection.json metrics.json projector.pt   the final artifacts (``finish``)
+
+A resumed run repeats the steps between its checkpoint and the interruption, and a restarted Ray Train worker
+group does the same: the first report of each step wins, here and nowhere else. Sinks (the progress line,
+MLflow, Tune) see the de-duplicated reports, in order, after the folder has them.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +23,105 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any, Protocol
+
+from flexkd import artifacts
+
+EVENT_PREFIX = "event/"
+METRICS_FILE = "metrics.jsonl"
+EVENTS_FILE = "events.jsonl"
+CHECKPOINT_DIR = "checkpoints/latest"
+RUN_FILES = (METRICS_FILE, EVENTS_FILE, artifacts.CONFIG, *artifacts.EXPORTED)
+
+
+class Sink(Protocol):
+    """Receives a run's de-duplicated reports. ``checkpoint`` is the run folder's checkpoint, when one came."""
+
+    def report(self, metrics: dict, step: int, checkpoint: Path | None) -> None: ...
+
+    def event(self, name: str, value: Any, step: int) -> None: ...
+
+
+class RunRecorder:
+    """The ``report(metrics, step, checkpoint=None)`` every mode ends in; see the module docstring.
+
+    resume: keep the folder's history and continue it (``--resume``); otherwise a fresh run replaces it.
+    """
+
+    def __init__(self, out: str | Path, sinks: list[Sink] = (), resume: bool = False, config_text: str = ""):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.sinks = list(sinks)
+        if not resume:
+            for name in (METRICS_FILE, EVENTS_FILE):
+                (self.out / name).unlink(missing_ok=True)
+        if config_text:
+            (self.out / artifacts.CONFIG).write_text(config_text)
+        self.last_step = max((r["step"] for r in self.read(METRICS_FILE)), default=0)
+        self.history: list[tuple[int, dict]] = []
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / CHECKPOINT_DIR
+
+    def read(self, name: str) -> list[dict]:
+        path = self.out / name
+        return (
+            [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if path.exists()
+            else []
+        )
+
+    def __call__(self, metrics: dict, step: int, checkpoint: str | None = None, origin: str = "") -> None:
+        """origin: where the checkpoint came from, for the event (Ray's storage path); default its folder here."""
+        metrics = dict(metrics)
+        for key in [k for k in metrics if k.startswith(EVENT_PREFIX)]:
+            self._event(key[len(EVENT_PREFIX) :], metrics.pop(key), step)
+        fresh = step > self.last_step
+        if fresh and metrics:
+            self.last_step = step
+            self.history.append((step, metrics))
+            self._append(METRICS_FILE, {"step": step, **metrics})
+        kept = None
+        if checkpoint:
+            kept = self._keep(checkpoint)
+            self._event("checkpoint", origin or CHECKPOINT_DIR, step)
+        if (fresh and metrics) or kept:
+            for sink in self.sinks:
+                sink.report(metrics if fresh else {}, step, kept)
+
+    def finish(self) -> dict:
+        """Copy the final checkpoint's artifacts into the folder; return its final metrics."""
+        if not (self.checkpoint_dir / artifacts.METRICS).exists():
+            raise RuntimeError(f"{self.checkpoint_dir}: the run ended without a final checkpoint")
+        artifacts.export(self.checkpoint_dir, self.out)
+        return artifacts.read_metrics(self.out)
+
+    def _event(self, name: str, value: Any, step: int) -> None:
+        self._append(EVENTS_FILE, {"event": name, "value": value, "step": step})
+        for sink in self.sinks:
+            sink.event(name, value, step)
+
+    def _append(self, name: str, record: dict) -> None:
+        with (self.out / name).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _keep(self, checkpoint: str) -> Path:
+        # Move in under a temporary name, then swap: a crash mid-copy never leaves a broken 'latest'.
+        target = self.checkpoint_dir
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name("incoming")
+        if staging.exists():
+            shutil.rmtree(staging)
+        shutil.move(checkpoint, staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+        return target
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The progress line: a sink
 
 SHORT = {
     "train/loss": "loss",
@@ -28,7 +143,7 @@ def _eta(seconds: float) -> str:
 
 
 class ProgressLine:
-    """Formats ``step 40/300 | loss 0.812 task 0.69 ... | 5.1k tok/s | eta 0:00:52`` lines."""
+    """Prints ``step 40/300 | loss 0.812 task 0.69 ... | 5.1k tok/s | eta 0:00:52`` per report."""
 
     def __init__(self, total_steps: int, stream=sys.stderr):
         self.total = total_steps
@@ -37,7 +152,7 @@ class ProgressLine:
             None  # (time, step) of the first report: a resumed run starts late
         )
 
-    def __call__(self, metrics: dict, step: int) -> None:
+    def report(self, metrics: dict, step: int, checkpoint: Path | None = None) -> None:
         if not metrics:
             return
         parts = [f"step {step}/{self.total}"]
@@ -54,47 +169,10 @@ class ProgressLine:
             parts.append(f"eta {_eta(rate * (self.total - step))}")
         print(" | ".join(parts), file=self.stream, flush=True)
 
+    def event(self, name: str, value: Any, step: int) -> None:
+        if name == "resumed_from_step":
+            print(f"resumed from the checkpoint of step {int(value)}", file=self.stream, flush=True)
 
-class LocalReporter:
-    """The ``report`` of a run in this process.
 
-    Appends every report to ``<output_dir>/metrics.jsonl``, prints a progress line (unless quiet), and keeps
-    the newest checkpoint as ``<output_dir>/checkpoints/latest`` (the one ``--resume`` continues from).
-    """
-
-    def __init__(self, output_dir: str | Path, total_steps: int, quiet: bool = False):
-        self.out = Path(output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.progress = None if quiet else ProgressLine(total_steps)
-        self.latest: Path | None = None
-        self.history: list[tuple[int, dict]] = []
-        # A resumed run repeats the steps between its checkpoint and the interruption: keep the first report.
-        self.last_step = max((json.loads(line)["step"] for line in self._lines()), default=0)
-
-    def _lines(self) -> list[str]:
-        path = self.out / "metrics.jsonl"
-        return [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.out / "checkpoints" / "latest"
-
-    def __call__(self, metrics: dict, step: int, checkpoint: str | None = None) -> None:
-        if metrics and step > self.last_step:
-            self.last_step = step
-            self.history.append((step, dict(metrics)))
-            with (self.out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-            if self.progress:
-                self.progress(metrics, step)
-        if checkpoint:
-            # Move in under a temporary name, then swap: a crash mid-copy never leaves a broken 'latest'.
-            target = self.checkpoint_dir
-            staging = target.with_name("incoming")
-            if staging.exists():
-                shutil.rmtree(staging)
-            shutil.move(checkpoint, staging)
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-            self.latest = target
+def progress_sinks(total_steps: int, quiet: bool) -> list[Sink]:
+    return [] if quiet else [ProgressLine(total_steps)]

@@ -13,7 +13,8 @@ from pathlib import Path
 from flexkd import artifacts
 from flexkd.checks import check_teacher_recipe, preflight, teacher_ready
 from flexkd.config import Config, ConfigError, dump_yaml, uses_selection, uses_teacher
-from flexkd.reporting import LocalReporter
+from flexkd.plan import RunPlan
+from flexkd.reporting import RunRecorder, progress_sinks
 
 log = logging.getLogger("flexkd")
 
@@ -61,9 +62,9 @@ def prepare_teacher(cfg: Config, quiet: bool = False) -> dict:
     if work.exists():
         shutil.rmtree(work)
     log.info("fine-tuning the teacher into %s (%d steps)", dest, recipe.train.steps)
-    reporter = LocalReporter(work, recipe.train.steps, quiet=quiet)
-    metrics = train(recipe, reporter)
-    student = reporter.checkpoint_dir / artifacts.STUDENT
+    recorder = RunRecorder(work, progress_sinks(recipe.train.steps, quiet), config_text=dump_yaml(recipe))
+    metrics = train(recipe, recorder)
+    student = recorder.checkpoint_dir / artifacts.STUDENT
     shutil.copytree(student, work / "model")
     artifacts.write_metrics(work / "model", metrics)
     (work / "model" / "flexkd_teacher.yaml").write_text(dump_yaml(recipe))
@@ -82,50 +83,51 @@ def ensure_teacher(cfg: Config, quiet: bool = False) -> None:
         prepare_teacher(cfg, quiet=quiet)
 
 
-def distil(cfg: Config, quiet: bool = False, resume: bool = False) -> dict:
-    """`flexkd train` without Ray: checks, teacher if needed, the loop, then the artifacts into run.output_dir."""
-    preflight(cfg)  # before torch is even imported: a bad input fails in a fraction of a second
+def distil(cfg: Config, plan: RunPlan | None = None, quiet: bool = False, resume: bool = False) -> dict:
+    """`flexkd train` without Ray: teacher if needed, the loop, then the artifacts into run.output_dir.
+
+    plan: ``preflight(cfg)``, which the CLI runs before torch is even imported (run here when not given).
+    """
+    plan = plan or preflight(cfg)
     from flexkd.train import train
 
     ensure_teacher(cfg, quiet=quiet)
-    out = Path(cfg.run.output_dir)
-    checkpoint = out / "checkpoints" / "latest"
+    recorder = RunRecorder(
+        cfg.run.output_dir, progress_sinks(cfg.train.steps, quiet), resume=resume, config_text=dump_yaml(cfg)
+    )
     resume_from = None
     if resume:
-        if not (checkpoint / artifacts.TRAINER_STATE).exists():
-            raise ConfigError(f"--resume: no checkpoint at {checkpoint}")
-        resume_from = str(checkpoint)
-    elif (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()  # a fresh run replaces the old history; --resume extends it
-    reporter = LocalReporter(out, cfg.train.steps, quiet=quiet)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / artifacts.CONFIG).write_text(dump_yaml(cfg))
-    metrics = train(cfg, reporter, resume_from=resume_from)
-    artifacts.export(reporter.checkpoint_dir, out)
-    return metrics
+        if not (recorder.checkpoint_dir / artifacts.TRAINER_STATE).exists():
+            raise ConfigError(f"--resume: no checkpoint at {recorder.checkpoint_dir}")
+        resume_from = str(recorder.checkpoint_dir)
+    train(cfg, recorder, plan=plan, resume_from=resume_from)
+    return recorder.finish()
 
 
-def score_only(cfg: Config) -> Path:
-    """`flexkd score`: score and select with the teacher, write ``run.output_dir/selection.json`` only."""
-    check_scoring(cfg)
-    from flexkd.train import score_and_select
-
-    selections, _ = score_and_select(cfg)
-    return write_selection(cfg, selections)
-
-
-def check_scoring(cfg: Config) -> None:
+def check_scoring(cfg: Config) -> RunPlan:
+    """The checks of `flexkd score`; returns the run plan."""
     if not uses_selection(cfg):
         raise ConfigError(
             f"feature.loss: {cfg.feature.loss!r} selects no teacher units; scoring applies to pearson and mse_std"
         )
-    preflight(cfg)
+    plan = preflight(cfg)
     ensure_teacher(cfg)
+    return plan
+
+
+def score_only(cfg: Config, plan: RunPlan | None = None) -> Path:
+    """`flexkd score` in this process: score and select, write ``run.output_dir/selection.json`` only."""
+    from flexkd.scorepass import score_and_select
+
+    plan = plan or check_scoring(cfg)
+
+    selections, _ = score_and_select(cfg, plan)
+    return write_selection(cfg, selections)
 
 
 def write_selection(cfg: Config, selections) -> Path:
+    from flexkd.scorepass import selection_meta
     from flexkd.selection import save_selection
-    from flexkd.train import selection_meta
 
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +141,7 @@ def evaluate_saved(cfg: Config, model_path: str, split: str) -> dict:
     from flexkd.data import encode, load_task_data
     from flexkd.evaluation import evaluate
     from flexkd.models import load_pretrained, load_tokenizer
-    from flexkd.train import pick_device
+    from flexkd.workbench import pick_device
 
     if not Path(model_path, "config.json").is_file():
         raise ConfigError(f"{model_path}: not a Hugging Face model folder (no config.json)")

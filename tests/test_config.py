@@ -14,15 +14,15 @@ from flexkd.config import (
     Config,
     ConfigError,
     dump_yaml,
-    flatten,
     from_dict,
     key_docs,
     load_config,
     preset_names,
-    resolve_layer_map,
     to_dict,
     valid_keys,
 )
+from flexkd.dotted import flatten
+from flexkd.layermap import resolve_layer_map
 
 
 @pytest.mark.parametrize("name", preset_names())

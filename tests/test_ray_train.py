@@ -12,9 +12,10 @@ import torch
 
 from flexkd import artifacts
 from flexkd.config import load_config
+from flexkd.reporting import RunRecorder
 from flexkd.scoring import SCORERS
 from flexkd.train import train
-from tuning.trainer import ReportRelay, fit, score
+from tuning.ray_train import fit, score
 
 FAST = ["train.log_every=5", "eval.max_examples=64", "scoring.num_examples=48", "data.max_train_examples=400"]
 
@@ -36,27 +37,39 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_relay_keeps_the_first_report_of_each_step_and_passes_events_on():
+def test_the_recorder_keeps_the_first_report_of_each_step_and_passes_events_on(tmp_path):
     seen = []
 
     class Sink:
-        def report(self, metrics, step, checkpoint_path):
-            seen.append(("report", step, dict(metrics), checkpoint_path))
+        def report(self, metrics, step, checkpoint):
+            seen.append(("report", step, dict(metrics), checkpoint))
 
         def event(self, name, value, step):
             seen.append(("event", name, value, step))
 
-    relay = ReportRelay([Sink()])
-    relay.relay({"step": 5, "train/loss": 1.0, "event/scored_s": 0.5}, None)
-    relay.relay({"step": 10, "train/loss": 0.9}, "/ckpt/10")
-    relay.relay({"step": 15, "train/loss": 0.8}, None)
+    def checkpoint(step):
+        folder = tmp_path / f"ckpt-{step}"
+        folder.mkdir()
+        (folder / "step.txt").write_text(str(step))
+        return str(folder)
+
+    recorder = RunRecorder(tmp_path / "run", [Sink()])
+    recorder({"train/loss": 1.0, "event/scored_s": 0.5}, 5)
+    recorder({"train/loss": 0.9}, 10, checkpoint(10))
+    recorder({"train/loss": 0.8}, 15)
     # A restarted worker group resumes from step 10 and repeats step 15 before going on.
-    relay.relay({"step": 15, "train/loss": 0.8, "event/resumed_from_step": 10}, None)
-    relay.relay({"step": 20, "train/loss": 0.7}, "/ckpt/20")
+    recorder({"train/loss": 0.8, "event/resumed_from_step": 10}, 15)
+    recorder({"train/loss": 0.7}, 20, checkpoint(20))
     reports = [s for s in seen if s[0] == "report"]
     assert [r[1] for r in reports] == [5, 10, 15, 20]
     assert ("event", "scored_s", 0.5, 5) in seen and ("event", "resumed_from_step", 10, 15) in seen
-    assert reports[1][3] == "/ckpt/10" and reports[3][3] == "/ckpt/20"
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    assert reports[1][3] == latest and reports[3][3] == latest
+    assert (latest / "step.txt").read_text() == "20" and not (tmp_path / "ckpt-20").exists()
+    lines = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in lines] == [5, 10, 15, 20] and not any(k.startswith("event/") for r in lines for k in r)
+    events = read_jsonl(tmp_path / "run" / "events.jsonl")
+    assert [e["event"] for e in events] == ["scored_s", "checkpoint", "resumed_from_step", "checkpoint"]
 
 
 def test_two_gloo_workers_train_the_demo_and_export_artifacts(ray_cluster, disk, tmp_path):

@@ -100,7 +100,7 @@ def test_define_by_run_samples_conditional_parameters_only_when_they_apply():
 
     spec, _ = load_sweep("quickstart")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    space = DefineByRun(spec.space)
+    space = DefineByRun(spec.params)
     for _ in range(30):
         trial = study.ask()
         space(trial)

@@ -63,10 +63,9 @@ def cmd_show(args) -> int:
         from flexkd.checks import preflight
 
         plan = preflight(cfg)
-        print(
-            f"# checks passed: teacher hidden {plan.teacher.hidden} x {plan.teacher.layers} layers, student hidden "
-            f"{plan.student.hidden} x {plan.student.layers} layers, layer map {plan.layer_map}, k {plan.k}",
-        )
+        print(f"# checks passed: {plan.describe()}")
+        for note in plan.notes:
+            print(f"# note: {note}")
     return 0
 
 
@@ -83,15 +82,15 @@ def cmd_train(args) -> int:
     from flexkd.checks import preflight
 
     cfg = load_config(args.config, args.overrides)
-    preflight(cfg)  # before torch or Ray is imported: a bad input fails in a fraction of a second
-    if cfg.scaling.num_workers >= 1:
-        from tuning.trainer import fit
+    plan = preflight(cfg)  # before torch or Ray is imported: a bad input fails in a fraction of a second
+    if plan.workers >= 1:
+        from tuning.ray_train import fit
 
-        metrics = fit(cfg, quiet=args.quiet, resume=args.resume)
+        metrics = fit(cfg, plan, quiet=args.quiet, resume=args.resume)
     else:
         from flexkd.runs import distil
 
-        metrics = distil(cfg, quiet=args.quiet, resume=args.resume)
+        metrics = distil(cfg, plan, quiet=args.quiet, resume=args.resume)
     _print_json(metrics)
     print(f"artifacts in {cfg.run.output_dir}", file=sys.stderr)
     return 0
@@ -101,15 +100,15 @@ def cmd_score(args) -> int:
     from flexkd.runs import check_scoring
 
     cfg = load_config(args.config, args.overrides)
-    check_scoring(cfg)
-    if cfg.scaling.num_workers >= 1:
-        from tuning.trainer import score
+    plan = check_scoring(cfg)
+    if plan.workers >= 1:
+        from tuning.ray_train import score
 
-        path, _ = score(cfg, quiet=args.quiet)
+        path, _ = score(cfg, plan, quiet=args.quiet)
     else:
         from flexkd.runs import score_only
 
-        path = score_only(cfg)
+        path = score_only(cfg, plan)
     print(path)
     return 0
 

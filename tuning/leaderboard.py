@@ -15,7 +15,7 @@ import yaml
 
 from flexkd import artifacts
 from tuning import tracking
-from tuning.space import SweepSpec, parse_space
+from tuning.space import SweepSpec
 
 if TYPE_CHECKING:
     from tuning.sweep import SweepContext
@@ -196,7 +196,7 @@ def _distributions(spec: SweepSpec) -> dict:
     import optuna.distributions as d
 
     out = {}
-    for p in parse_space(spec.space):
+    for p in spec.params:
         if p.kind in ("choice", "bundles"):
             out[p.name] = d.CategoricalDistribution(list(p.args))
         elif p.kind == "int":
@@ -209,7 +209,7 @@ def _distributions(spec: SweepSpec) -> dict:
 def print_summary(summary: dict, spec: SweepSpec, uri: str) -> None:
     """The leaderboard (best first), where the best config went, the registered champion, the UI command."""
     metric = spec.objective.metric
-    names = [p.name for p in parse_space(spec.space)]
+    names = [p.name for p in spec.params]
     table = [["#", "trial", "status", metric, "parameters"]]
     for i, r in enumerate(summary["leaderboard"], 1):
         status = "stopped early" if r["early_stopped"] else r["status"].lower()

@@ -81,9 +81,3 @@ def start_ray(num_cpus: int | None = None, quiet: bool = True) -> bool:
         logging_level=logging.WARNING,
     )
     return True
-
-
-def cluster_cpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 0))

@@ -27,30 +27,22 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from flexkd.config import (
-    Config,
-    ConfigError,
-    build_dataclass,
-    from_dict,
-    merge,
-    parse_overrides,
-    read_config_dict,
-    set_dotted,
-    to_dict,
-    valid_keys,
-)
+from flexkd.config import Config, ConfigError, from_dict, read_config_dict, to_dict, valid_keys
+from flexkd.dotted import build_dataclass, dotted, merge, parse_overrides
+from flexkd.plan import RunPlan
 
 SWEEP_DIR = Path(__file__).parent / "sweeps"
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "bundles")
 
 
 @dataclass
-class Objective:
+class SweepObjective:
     metric: str = "val/accuracy"
     """Metric the sweep optimises (a key the loop reports at evaluation, e.g. val/accuracy, val/rouge_l)."""
     mode: str = "max"
@@ -95,7 +87,7 @@ class SweepSpec:
     """key=value overrides of the base, the same for every trial."""
     space: dict = field(default_factory=dict)
     """Search space over dotted run-config keys (see tuning/space.py)."""
-    objective: Objective = field(default_factory=Objective)
+    objective: SweepObjective = field(default_factory=SweepObjective)
     trials: int = 8
     """Number of trials."""
     concurrency: int = 1
@@ -109,6 +101,23 @@ class SweepSpec:
     tracking: Tracking = field(default_factory=Tracking)
     storage_path: str = ""
     """Where Tune keeps the sweep (absolute path or URI); empty: ./flexkd-runs/sweeps."""
+
+    # Worked out once from the fields above (not fields themselves: a sweep file cannot set them).
+    @cached_property
+    def params(self) -> list[Param]:
+        """The space, parsed."""
+        return parse_space(self.space)
+
+    @cached_property
+    def base_config(self) -> dict:
+        """The base run config with the fixed overrides, as a nested dict (the base YAML read once)."""
+        return merge(read_config_dict(self.base), parse_overrides(list(self.overrides)))
+
+    @cached_property
+    def resolved_base(self) -> dict:
+        """The base with its local paths made absolute, here on the driver: trials run in other working
+        directories, where ``./flexkd-runs/...`` would mean something else."""
+        return to_dict(from_dict(self.base_config))
 
 
 @dataclass
@@ -232,10 +241,6 @@ def param_values(param: Param) -> list[dict]:
     return [{param.name: v} for v in param.args]
 
 
-def base_dict(spec: SweepSpec) -> dict:
-    return merge(read_config_dict(spec.base), parse_overrides(list(spec.overrides)))
-
-
 def check_sweep(spec: SweepSpec) -> None:
     """Every key and every value of the space must make a valid run config (static checks, no files)."""
     if not spec.base:
@@ -253,9 +258,9 @@ def check_sweep(spec: SweepSpec) -> None:
             raise ConfigError(f"{key}: must be >= 1")
     if spec.storage_path and "://" not in spec.storage_path and not Path(spec.storage_path).is_absolute():
         raise ConfigError(f"storage_path: {spec.storage_path!r} must be an absolute path or a URI")
-    base = base_dict(spec)
+    base = spec.base_config
     from_dict(base)  # the base alone must be valid
-    params = parse_space(spec.space)
+    params = spec.params
     by_name = {p.name: p for p in params}
     for i, point in enumerate(spec.start_points):
         if not isinstance(point, dict):
@@ -284,26 +289,20 @@ def check_sweep(spec: SweepSpec) -> None:
                 raise ConfigError(f"space.{param.name}: {assignment}: {err}") from None
 
 
-def dotted(assignment: dict[str, Any]) -> dict:
-    """{dotted key: value} -> nested dict, values kept as they are (no text round trip)."""
-    nested: dict = {}
-    for key, value in assignment.items():
-        set_dotted(nested, key, value)
-    return nested
-
-
-def check_space_files(spec: SweepSpec) -> None:
-    """The file-level checks (models, tokenizers, data, layer ranges, k) for every value of the space."""
+def check_space_files(spec: SweepSpec) -> RunPlan:
+    """The file-level checks (models, tokenizers, data, layer ranges, k) for every value of the space;
+    returns the base run's plan."""
     from flexkd.checks import preflight
 
-    base = base_dict(spec)
-    preflight(from_dict(base))
-    for param in parse_space(spec.space):
+    base = spec.base_config
+    plan = preflight(from_dict(base))
+    for param in spec.params:
         for assignment in param_values(param):
             try:
                 preflight(from_dict(merge(base, dotted(assignment))))
             except ConfigError as err:
                 raise ConfigError(f"space.{param.name}: {assignment}: {err}") from None
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -317,8 +316,8 @@ class DefineByRun:
     Returns nothing: the sampled values are the trial's config, keyed by parameter name.
     """
 
-    def __init__(self, space: dict):
-        self.params = parse_space(space)
+    def __init__(self, params: list[Param]):
+        self.params = params
 
     def __call__(self, trial) -> None:
         chosen: dict[str, Any] = {}
@@ -339,7 +338,7 @@ class DefineByRun:
 
 def trial_overrides(spec: SweepSpec, sampled: dict) -> dict[str, Any]:
     """A trial's sampled parameters as run-config overrides {dotted key: value} (bundles expanded)."""
-    params = {p.name: p for p in parse_space(spec.space)}
+    params = {p.name: p for p in spec.params}
     out: dict[str, Any] = {}
     for name, value in sampled.items():
         param = params.get(name)
@@ -352,22 +351,16 @@ def trial_overrides(spec: SweepSpec, sampled: dict) -> dict[str, Any]:
     return out
 
 
-def resolved_base(spec: SweepSpec) -> dict:
-    """The base run config with its local paths made absolute, here on the driver: trials run in other
-    working directories, where ``./flexkd-runs/...`` would mean something else."""
-    return to_dict(from_dict(base_dict(spec)))
-
-
-def trial_config(spec: SweepSpec, sampled: dict, run_name: str, base: dict | None = None) -> Config:
+def trial_config(spec: SweepSpec, sampled: dict, run_name: str) -> Config:
     """The run config of one trial: the (resolved) base with its fixed overrides, then the sampled values."""
-    data = merge(base if base is not None else resolved_base(spec), dotted(trial_overrides(spec, sampled)))
+    data = merge(spec.resolved_base, dotted(trial_overrides(spec, sampled)))
     data = merge(data, {"run": {"name": run_name}})
     return from_dict(data)
 
 
 def describe(spec: SweepSpec) -> str:
     """The resolved space, resources and concurrency, as `flexkd sweep --dry-run` prints them."""
-    base = from_dict(base_dict(spec))
+    base = from_dict(spec.base_config)
     lines = [
         f"sweep {spec.name}: {spec.trials} trials, {spec.concurrency} at a time, seed {spec.seed}",
         f"base: {spec.base} + {spec.overrides or 'no overrides'}",
@@ -386,7 +379,7 @@ def describe(spec: SweepSpec) -> str:
         ),
         "space:",
     ]
-    for p in parse_space(spec.space):
+    for p in spec.params:
         cond = f"  when {p.when}" if p.when else ""
         if p.kind == "bundles":
             body = "; ".join(f"{n} = {b}" for n, b in p.args.items())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 import traceback
@@ -25,20 +24,13 @@ from pathlib import Path
 
 import yaml
 
-from flexkd import artifacts
-from flexkd.config import Config, dump_yaml, flatten, from_dict, to_dict
+from flexkd.config import dump_yaml, from_dict, to_dict
+from flexkd.dotted import flatten
+from flexkd.reporting import RunRecorder
 from flexkd.runs import ensure_teacher
 from tuning import tracking
 from tuning.leaderboard import finish
-from tuning.space import (
-    DefineByRun,
-    SweepSpec,
-    base_dict,
-    check_space_files,
-    describe,
-    resolved_base,
-    trial_config,
-)
+from tuning.space import DefineByRun, SweepSpec, check_space_files, describe, trial_config
 
 log = logging.getLogger("flexkd")
 
@@ -53,7 +45,6 @@ class SweepContext:
     parent_id: str
     trials_root: str  # local folder of trial outputs
     storage: str  # Tune/Train storage (absolute path or URI)
-    base: dict  # the base run config, paths resolved on the driver
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -61,50 +52,41 @@ class SweepContext:
 
 
 class TuneSink:
-    """Relay sink: evaluation reports (those with the objective metric) become Tune results.
+    """Recorder sink: evaluation reports (those with the objective metric) become Tune results.
 
-    In place (local mode) it calls ``tune.report``; from a Train controller it goes through
-    ``TuneReportCallback``'s queue into the trial, the documented Train V2 path.
+    Always called from the trial's own thread (the Ray Train driver drains reports there), where
+    ``tune.report`` belongs.
     """
 
-    def __init__(self, metric: str, remote: bool):
+    def __init__(self, metric: str):
         self.metric = metric
-        self.forward = None
-        if remote:
-            from ray.tune.integration.ray_train import TuneReportCallback
 
-            self.forward = TuneReportCallback()
-
-    def report(self, metrics: dict, step: int, checkpoint_path: str | None) -> None:
-        if self.metric not in metrics:
-            return
-        result = {**metrics, "step": step}
-        if self.forward is not None:
-            self.forward.after_report(None, [result], None)
-        else:
+    def report(self, metrics: dict, step: int, checkpoint) -> None:
+        if self.metric in metrics:
             from ray import tune
 
-            tune.report(result)
+            tune.report({**metrics, "step": step})
 
     def event(self, name, value, step) -> None:
         pass
 
 
 def trial_main(sampled: dict, context: SweepContext) -> None:
-    """One trial: its config, its MLflow child run, a TorchTrainer, then final metrics and artifacts."""
+    """One trial: its config and plan, its MLflow child run, a TorchTrainer, then final metrics and artifacts."""
     import ray
     from ray import tune
 
-    from tuning.trainer import ReportRelay
+    from flexkd.checks import preflight
+    from tuning.ray_train import run_trainer
 
     entered = time.perf_counter()
     timing = {"perf/trial/process_start_s": _process_start_cost()}
     spec = context.spec
     trial_id = tune.get_context().get_trial_id()
     out = Path(context.trials_root, trial_id)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = trial_config(spec, sampled, run_name=f"{spec.name}-{trial_id}", base=context.base)
+    cfg = trial_config(spec, sampled, run_name=f"{spec.name}-{trial_id}")
     cfg.run.output_dir = str(out)
+    plan = preflight(cfg)  # this trial's own values: every one was checked on the driver, this is its plan
     params = {**flatten(to_dict(cfg)), **{f"sweep.{k}": v for k, v in sampled.items()}}
     run_id = tracking.start_child(
         context.uri,
@@ -118,18 +100,25 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
     )
     timing["perf/trial/mlflow_open_s"] = time.perf_counter() - entered
     try:
-        remote = cfg.scaling.num_workers >= 1
         # MLflow first: Tune may stop (end) this trial as soon as it sees the result.
         mlflow_sink = tracking.MlflowSink(context.uri, run_id)
-        relay = ReportRelay([mlflow_sink, TuneSink(spec.objective.metric, remote)])
+        recorder = RunRecorder(
+            out, [mlflow_sink, TuneSink(spec.objective.metric)], config_text=dump_yaml(cfg)
+        )
         started = time.perf_counter()
-        final_dir = fit_trial(cfg, relay, context, trial_id, out)
-        metrics = artifacts.read_metrics(final_dir)
+        run_trainer(
+            cfg,
+            plan,
+            f"trial-{trial_id}",  # stable: a restarted trial's Train run resumes from its checkpoint
+            context.storage,
+            recorder=recorder,
+            score_cache=f"{context.storage}/score-cache",
+            extra_cpus=spec.resources.cpus_per_trial,
+        )
+        metrics = recorder.finish()
         timing["perf/trial/fit_s"] = time.perf_counter() - started
-        if not remote:  # the sink ran in this process: its time is known
-            timing["perf/trial/mlflow_steps_s"] = mlflow_sink.seconds
+        timing["perf/trial/mlflow_steps_s"] = mlflow_sink.seconds
         metrics.update(timing)
-        (out / artifacts.CONFIG).write_text(dump_yaml(cfg))
         value = metrics.get(spec.objective.metric)
         keep = value is not None and tracking.should_log_student(
             context.uri,
@@ -141,7 +130,7 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
             spec.tracking.register_top,
         )
         closing = time.perf_counter()
-        tracking.finish_child(context.uri, run_id, final_dir, metrics, log_student=keep)
+        tracking.finish_child(context.uri, run_id, out, metrics, log_student=keep)
         done = time.perf_counter()
         tracking.log_metrics(
             context.uri,
@@ -170,59 +159,6 @@ def _process_start_cost() -> float:
         return uptime - ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return float("nan")
-
-
-def fit_trial(cfg: Config, relay, context: SweepContext, trial_id: str, out: Path) -> Path:
-    """Build and fit the trial's TorchTrainer; return a local folder holding the final checkpoint."""
-    from ray.train import FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from flexkd.scorecache import ScoreCache
-    from tuning.trainer import poll_reports_often, scaling_config, worker_main
-
-    cache_root = f"{context.storage}/score-cache"
-    run_config = dict(storage_path=context.storage, logging_config=LoggingConfig(log_level="WARNING"))
-    if cfg.scaling.num_workers == 0:
-        # Ray Train's local mode: the loop runs here, in the trial's process; reports go to the relay directly.
-        from flexkd.train import train
-
-        latest = out / "checkpoint"
-
-        def report(metrics: dict, step: int, checkpoint: str | None = None) -> None:
-            if checkpoint:
-                if latest.exists():
-                    shutil.rmtree(latest)
-                shutil.move(checkpoint, latest)
-            relay.relay({"step": step, **metrics}, str(latest) if checkpoint else None)
-
-        def loop(_config):
-            train(cfg, report, score_cache=ScoreCache(cache_root))
-
-        TorchTrainer(
-            loop,
-            scaling_config=scaling_config(cfg),
-            run_config=RunConfig(name=f"trial-{trial_id}", **run_config),
-        ).fit()
-        return latest
-    poll_reports_often()
-    trainer = TorchTrainer(
-        worker_main,
-        train_loop_config={"config": to_dict(cfg), "score_cache": cache_root},
-        torch_config=TorchConfig(timeout_s=600),
-        scaling_config=scaling_config(cfg),
-        run_config=RunConfig(
-            name=f"trial-{trial_id}",  # stable: a restarted trial's Train run resumes from its checkpoint
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures, controller_failure_limit=3),
-            callbacks=[relay],
-            **run_config,
-        ),
-    )
-    result = trainer.fit()
-    local = out / "checkpoint"
-    if local.exists():
-        shutil.rmtree(local)
-    result.checkpoint.to_directory(str(local))
-    return local
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -274,9 +210,8 @@ def run_sweep(
     # --- everything that can fail fast, before Ray ----------------------------------------------------
     uri = tracking.tracking_uri()
     tracking.check_store(uri)
-    base = from_dict(base_dict(spec))
     check_space_files(spec)
-    ensure_teacher(base, quiet=quiet)
+    ensure_teacher(from_dict(spec.base_config), quiet=quiet)
     storage = spec.storage_path or str(sweep_home())
     pointer = sweep_home() / f"{spec.name}.latest.json"
     if resume:
@@ -326,8 +261,8 @@ def run_sweep(
         state["parent_id"],
         str(sweep_home() / state["exp_name"]),
         storage,
-        resolved_base(spec),
     )
+    _ = spec.resolved_base  # worked out here, on the driver, before the spec is pickled to the trials
     stopped_record = str(sweep_home() / f"{state['exp_name']}.early_stopped.jsonl")
 
     # --- Ray Tune ------------------------------------------------------------------------------------------
@@ -353,7 +288,7 @@ def run_sweep(
         )
     else:
         searcher = OptunaSearch(
-            DefineByRun(spec.space),
+            DefineByRun(spec.params),
             metric=spec.objective.metric,
             mode=spec.objective.mode,
             seed=spec.seed,

@@ -227,19 +227,24 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
 
 
 class MlflowSink:
-    """Relay sink (tuning.trainer.Sink): per-step metrics and events of one trial into its child run."""
+    """Recorder sink (flexkd.reporting.Sink): per-step metrics and events of one trial into its child run."""
 
     def __init__(self, uri: str, run_id: str):
         self.uri = uri
         self.run_id = run_id
         self.seconds = 0.0  # time spent logging (part of a trial's overhead)
 
-    def report(self, metrics: dict, step: int, checkpoint_path: str | None) -> None:
+    def report(self, metrics: dict, step: int, checkpoint) -> None:
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         self._log(numeric, step)
 
     def event(self, name: str, value: Any, step: int) -> None:
-        self._log({f"event/{name}": float(value)}, step)
+        if name == "checkpoint":
+            return  # a path in the trial's storage: the run folder keeps it (events.jsonl), MLflow need not
+        if isinstance(value, (int, float)):
+            self._log({f"event/{name}": float(value)}, step)
+        else:
+            client(self.uri).set_tag(self.run_id, f"flexkd.{name}", str(value))
 
     def _log(self, metrics: dict, step: int) -> None:
         start = time.perf_counter()
