@@ -89,7 +89,7 @@ def test_two_gloo_workers_train_the_demo_and_export_artifacts(ray_cluster, disk,
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl")]
     assert steps == [5, 10, 15, 20]
     events = read_jsonl(out / "events.jsonl")
-    assert [e["event"] for e in events if e["event"] != "checkpoint"] == ["scored_s"]
+    assert [e["event"] for e in events if e["event"] != "checkpoint"] == ["ray_run", "scored_s"]
     assert sum(e["event"] == "checkpoint" for e in events) == 2
     assert Path(metrics["ray/run"]).is_dir()  # the Train run's storage, with its checkpoints
 
