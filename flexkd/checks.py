@@ -217,11 +217,15 @@ def _teacher(cfg: Config) -> tuple[ModelDims | None, str, list[str]]:
         note = f"teacher.path: {cfg.teacher.path} is not fine-tuned yet; checked against its recipe instead"
         return check_teacher_recipe(cfg), cfg.teacher.tokenizer or cfg.teacher.base, [note]
     if needed:
-        raise ConfigError(
-            f"teacher.path: {cfg.teacher.path} does not exist; run `flexkd teacher` on this config to fine-tune "
-            f"one, or set teacher.auto_prepare=true"
-        )
+        raise missing_teacher(cfg)
     return None, cfg.teacher.path, []
+
+
+def missing_teacher(cfg: Config) -> ConfigError:
+    return ConfigError(
+        f"teacher.path: {cfg.teacher.path} does not exist; run `flexkd teacher` on this config to fine-tune "
+        f"one, or set teacher.auto_prepare=true"
+    )
 
 
 def preflight(cfg: Config) -> RunPlan:

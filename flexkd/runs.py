@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from flexkd import artifacts
-from flexkd.checks import check_teacher_recipe, preflight, teacher_ready
+from flexkd.checks import check_teacher_recipe, missing_teacher, preflight, teacher_ready
 from flexkd.config import Config, ConfigError, dump_yaml, uses_selection, uses_teacher
 from flexkd.plan import RunPlan
 from flexkd.reporting import RunRecorder, progress_sinks
@@ -79,7 +79,7 @@ def ensure_teacher(cfg: Config, quiet: bool = False) -> None:
     """Fine-tune the teacher first when the config asks for it and it is missing."""
     if uses_teacher(cfg) and not teacher_ready(cfg):
         if not cfg.teacher.auto_prepare:
-            raise ConfigError(f"teacher.path: {cfg.teacher.path} does not exist; run `flexkd teacher` first")
+            raise missing_teacher(cfg)
         prepare_teacher(cfg, quiet=quiet)
 
 

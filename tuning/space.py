@@ -31,10 +31,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from flexkd.config import Config, ConfigError, from_dict, read_config_dict, to_dict, valid_keys
-from flexkd.dotted import build_dataclass, dotted, merge, parse_overrides
+from flexkd.dotted import build_dataclass, dotted, merge, parse_overrides, read_yaml
 from flexkd.plan import RunPlan
 
 SWEEP_DIR = Path(__file__).parent / "sweeps"
@@ -150,10 +148,7 @@ def load_sweep(name: str, overrides: list[str] = ()) -> tuple[SweepSpec, dict]:
     """(the sweep spec, its file's raw text as a dict). ``overrides`` may set sweep fields (``trials=4``,
     ``scheduler.name=none``) or run-config keys (``train.steps=50``), which join the fixed overrides."""
     path = find_sweep_file(name)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    raw = read_yaml(path)  # a mapping, or one line naming the file
     sweep_fields = {f.name for f in dataclasses.fields(SweepSpec)}
     sweep_over, run_over = [], []
     for item in overrides:
