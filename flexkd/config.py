@@ -151,6 +151,8 @@ class KD:
     """Softmax temperature; the loss is scaled by temperature**2."""
     skew: float = 0.1
     """Mixing weight a of the skew losses skl and srkl (DistiLLM)."""
+    top_k: int = 0
+    """Causal LMs: KD over the teacher's top-k tokens plus one bucket for the rest (what cached signals store); 0: the full vocabulary (exact)."""
 
 
 @dataclass
@@ -216,6 +218,26 @@ class Scaling:
 
 
 @dataclass
+class Signals:
+    mode: str = "auto"
+    """auto (train from cached teacher signals when they exist) | cached (they must exist) | live (run the teacher in the loop)."""
+    path: str = ""
+    """Folder or s3://, gs:// URI holding signal caches, one content-addressed folder each; empty: <scaling.storage_path>/signals, else ./flexkd-runs/signals."""
+    dtype: str = "float32"
+    """Storage dtype of hidden states and logits: float32 (exact) | bfloat16 | float16."""
+    units: str = "all"
+    """all: every unit of the mapped teacher layers (serves any k or strategy) | selected: only the build's selected units."""
+    max_gb: float = 50.0
+    """A build whose estimate exceeds this many GB stops before writing anything."""
+    batch_size: int = 32
+    """Teacher batch size of the build."""
+    shard_examples: int = 256
+    """Examples per shard file (the unit of parallel writing and of resuming an interrupted build)."""
+    actors: int = 0
+    """Teacher copies of the Ray Data build; 0: one per GPU with scaling.use_gpu, else one per 2 CPUs of the cluster."""
+
+
+@dataclass
 class Config:
     run: Run = field(default_factory=Run)
     data: Data = field(default_factory=Data)
@@ -230,6 +252,7 @@ class Config:
     train: Train = field(default_factory=Train)
     eval: Eval = field(default_factory=Eval)
     scaling: Scaling = field(default_factory=Scaling)
+    signals: Signals = field(default_factory=Signals)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -247,7 +270,8 @@ SCORING_METHODS = ("grad", "grad_token", "taylor", "fisher")
 SELECTION_STRATEGIES = ("gradient", "random", "variance", "first")
 FEATURE_LOSS_NAMES = ("pearson", "mse_std", "projector", "none")
 KD_LOSS_NAMES = ("fkl", "rkl", "skl", "srkl", "jsd", "none")
-SELECTING_FEATURE_LOSSES = ("pearson", "mse_std")  # the ones that align a selected subspace
+SELECTING_FEATURE_LOSSES = ("pearson", "mse_std")
+SIGNAL_DTYPES = ("float32", "bfloat16", "float16")  # the ones that align a selected subspace
 
 
 def uses_teacher(cfg: Config) -> bool:
@@ -334,6 +358,11 @@ def validate(cfg: Config) -> None:
     _choice("kd.loss", cfg.kd.loss, KD_LOSS_NAMES)
     for key in ("task.weight", "kd.weight", "feature.weight"):
         _at_least(key, get_key(cfg, key), 0)
+    _at_least("kd.top_k", cfg.kd.top_k, 0)
+    if cfg.kd.top_k and cfg.data.task == "classification":
+        raise ConfigError(
+            "kd.top_k: applies to causal LMs (instruction, summarization); classification KD uses every class"
+        )
     if cfg.kd.temperature <= 0:
         raise ConfigError(f"kd.temperature: must be > 0, got {cfg.kd.temperature}")
     if not 0 < cfg.kd.skew < 1:
@@ -369,6 +398,18 @@ def validate(cfg: Config) -> None:
             f"train.batch_size: {cfg.train.batch_size} does not split into scaling.num_workers x train.grad_accum "
             f"= {shards} equal micro-batches"
         )
+    _choice("signals.mode", cfg.signals.mode, ("auto", "cached", "live"))
+    _choice("signals.dtype", cfg.signals.dtype, SIGNAL_DTYPES)
+    _choice("signals.units", cfg.signals.units, ("all", "selected"))
+    if cfg.signals.units == "selected" and cfg.feature.loss == "projector":
+        raise ConfigError(
+            "signals.units: selected stores a subset of units; the projector baseline reads all of them (use all)"
+        )
+    for key in ("batch_size", "shard_examples"):
+        _at_least(f"signals.{key}", getattr(cfg.signals, key), 1)
+    _at_least("signals.actors", cfg.signals.actors, 0)
+    if not cfg.signals.max_gb > 0:
+        raise ConfigError(f"signals.max_gb: must be > 0, got {cfg.signals.max_gb}")
     if (
         cfg.scaling.storage_path
         and "://" not in cfg.scaling.storage_path
@@ -442,6 +483,10 @@ def resolve_paths(cfg: Config) -> None:
         cfg.teacher.tokenizer = absolute(cfg.teacher.tokenizer)
     cfg.student.path = absolute(cfg.student.path)
     cfg.scoring.cache = absolute(cfg.scoring.cache)
+    if not cfg.signals.path:
+        storage = cfg.scaling.storage_path.rstrip("/")
+        cfg.signals.path = f"{storage}/signals" if storage else "./flexkd-runs/signals"
+    cfg.signals.path = absolute(cfg.signals.path) if "://" not in cfg.signals.path else cfg.signals.path
     if cfg.data.source != "demo" and not cfg.data.source.startswith("demo:"):
         cfg.data.source = absolute(cfg.data.source)
 

@@ -10,6 +10,7 @@ All teacher inputs are detached inside the losses: gradients reach the student (
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -58,35 +59,31 @@ def _finish(per_row: torch.Tensor, temperature: float) -> torch.Tensor:
     return per_row.mean() * temperature**2
 
 
-def kd_fkl(student_logits, teacher_logits, mask, temperature=1.0, skew=0.1):
-    """Forward KL(p_T || p_S): mean-seeking."""
-    s, t = _rows(student_logits, teacher_logits, mask, temperature)
-    return _finish(_kl(t, s), temperature)
+# Divergences between log-probability rows s (student) and t (teacher), (N, V) each -> (N,).
+DIVERGENCES = {
+    # Forward KL(p_T || p_S): mean-seeking.
+    "fkl": lambda s, t, skew: _kl(t, s),
+    # Reverse KL(p_S || p_T): mode-seeking (MiniLLM).
+    "rkl": lambda s, t, skew: _kl(s, t),
+    # Skew KL(p_T || a p_T + (1 - a) p_S), a = skew (DistiLLM).
+    "skl": lambda s, t, skew: _kl(t, _log_mix(t, s, skew)),
+    # Skew reverse KL(p_S || a p_S + (1 - a) p_T) (DistiLLM).
+    "srkl": lambda s, t, skew: _kl(s, _log_mix(s, t, skew)),
+    # Jensen-Shannon divergence: mean of KL to the midpoint from both sides.
+    "jsd": lambda s, t, skew: 0.5 * _kl(t, _log_mix(t, s, 0.5)) + 0.5 * _kl(s, _log_mix(t, s, 0.5)),
+}
 
 
-def kd_rkl(student_logits, teacher_logits, mask, temperature=1.0, skew=0.1):
-    """Reverse KL(p_S || p_T): mode-seeking (MiniLLM)."""
-    s, t = _rows(student_logits, teacher_logits, mask, temperature)
-    return _finish(_kl(s, t), temperature)
+def _kd(name):
+    def loss(student_logits, teacher_logits, mask, temperature=1.0, skew=0.1):
+        s, t = _rows(student_logits, teacher_logits, mask, temperature)
+        return _finish(DIVERGENCES[name](s, t, skew), temperature)
+
+    loss.__name__ = f"kd_{name}"
+    return loss
 
 
-def kd_skl(student_logits, teacher_logits, mask, temperature=1.0, skew=0.1):
-    """Skew KL(p_T || a p_T + (1 - a) p_S), a = ``skew`` (DistiLLM)."""
-    s, t = _rows(student_logits, teacher_logits, mask, temperature)
-    return _finish(_kl(t, _log_mix(t, s, skew)), temperature)
-
-
-def kd_srkl(student_logits, teacher_logits, mask, temperature=1.0, skew=0.1):
-    """Skew reverse KL(p_S || a p_S + (1 - a) p_T) (DistiLLM)."""
-    s, t = _rows(student_logits, teacher_logits, mask, temperature)
-    return _finish(_kl(s, _log_mix(s, t, skew)), temperature)
-
-
-def kd_jsd(student_logits, teacher_logits, mask, temperature=1.0, skew=0.1):
-    """Jensen-Shannon divergence: mean of KL to the midpoint from both sides."""
-    s, t = _rows(student_logits, teacher_logits, mask, temperature)
-    m = _log_mix(t, s, 0.5)
-    return _finish(0.5 * _kl(t, m) + 0.5 * _kl(s, m), temperature)
+kd_fkl, kd_rkl, kd_skl, kd_srkl, kd_jsd = (_kd(n) for n in ("fkl", "rkl", "skl", "srkl", "jsd"))
 
 
 def kd_none(student_logits, teacher_logits, mask, temperature=1.0, skew=0.1):
@@ -94,6 +91,56 @@ def kd_none(student_logits, teacher_logits, mask, temperature=1.0, skew=0.1):
 
 
 KD_LOSSES = {"fkl": kd_fkl, "rkl": kd_rkl, "skl": kd_skl, "srkl": kd_srkl, "jsd": kd_jsd, "none": kd_none}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logit KD on rows: the teacher's logits at the loss positions, already gathered, either whole or as their
+# top k. With the top k, both distributions are coarsened to k + 1 buckets, the teacher's k tokens and the
+# rest of the vocabulary as one token; every divergence above then runs unchanged on the buckets. By the data
+# processing inequality each KL of the buckets is at most the full one; at k = vocabulary it is the full one.
+
+
+@dataclass
+class TopK:
+    """The teacher's top ``k`` logits per row and what the KL needs of the rest.
+
+    values: (N, k) the k largest raw logits; indices: (N, k) long, their token ids; tail: (N,) the log-sum-exp
+    of ``logits / temperature`` over every other token of the vocabulary.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    tail: torch.Tensor
+
+
+def top_k_logits(rows: torch.Tensor, k: int, temperature: float) -> TopK:
+    """(N, V) teacher logits -> their top k and the tail's log-sum-exp at ``temperature`` (k < V)."""
+    rows = rows.detach().float()
+    values, indices = rows.topk(k, dim=-1)
+    rest = (rows / temperature).scatter(-1, indices, float("-inf"))
+    return TopK(values, indices, rest.logsumexp(-1))
+
+
+def _bucket_rows(student_rows: torch.Tensor, teacher: TopK, temperature: float):
+    """Student and teacher log-probabilities of the k + 1 buckets, (N, k + 1) each."""
+    s_full = F.log_softmax(student_rows.float() / temperature, dim=-1)
+    s_top = s_full.gather(-1, teacher.indices)
+    s_rest = s_full.scatter(-1, teacher.indices, float("-inf")).logsumexp(-1, keepdim=True)
+    t_scaled = teacher.values.detach().float() / temperature
+    t_all = torch.cat([t_scaled, teacher.tail.detach().float().unsqueeze(-1)], dim=-1)
+    return torch.cat([s_top, s_rest], dim=-1), t_all - t_all.logsumexp(-1, keepdim=True)
+
+
+def kd_on_rows(name: str, student_rows, teacher, temperature=1.0, skew=0.1) -> torch.Tensor:
+    """Logit KD ``name`` between (N, V) student rows and the teacher's rows: a (N, V) tensor or a ``TopK``."""
+    if name == "none":
+        return student_rows.new_zeros((), dtype=torch.float32)
+    if isinstance(teacher, TopK):
+        s, t = _bucket_rows(student_rows, teacher, temperature)
+    else:
+        s = F.log_softmax(student_rows.float() / temperature, dim=-1)
+        t = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
+    return _finish(DIVERGENCES[name](s, t, skew), temperature)
 
 
 # ---------------------------------------------------------------------------------------------------------

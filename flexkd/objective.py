@@ -13,16 +13,19 @@ import torch
 
 from flexkd.config import Config, uses_features
 from flexkd.data import IGNORE
-from flexkd.losses import FEATURE_LOSSES, KD_LOSSES, task_loss
+from flexkd.losses import FEATURE_LOSSES, TopK, kd_on_rows, task_loss, top_k_logits
+from flexkd.signals import teacher_forward
 
 
 @dataclass
 class Objective:
     """``objective(model, batch)`` -> {"task": ..., "kd": ..., "feat": ...} (only the terms that are on), each a
-    float32 scalar; ``objective.total(terms)`` weights and sums them. The teacher runs under ``no_grad``.
+    float32 scalar; ``objective.total(terms)`` weights and sums them. The teacher runs under ``no_grad``, or
+    is not there at all when the batch carries its cached signals.
 
     layer_map: (teacher, student) indices into ``hidden_states``: teacher entry t is aligned with student
-    entry s. units: per mapped pair, the selected teacher units (k,) long, or None (projector baseline).
+    entry s. units: per mapped pair, the selected teacher units (k,) long, or None (projector baseline); with
+    signals of selected units only, the columns of the stored hidden states that hold them.
     """
 
     cfg: Config
@@ -40,6 +43,21 @@ class Objective:
         weights = self.weights
         return sum(weights[name] * value for name, value in terms.items())
 
+    def teacher_outputs(self, batch: dict, loss_mask: torch.Tensor) -> tuple[dict, object]:
+        """({teacher layer: (B, T, d) hidden states}, the logits at the loss positions) of the micro-batch:
+        from its cached signals (``batch["signals"]``, see ``flexkd.signals.SignalReader.gather``) or from
+        the live teacher. Logit rows are (N, C|V), or a ``TopK`` with ``kd.top_k``; either way the same values
+        for the same rows, so a cached run's losses equal a live run's."""
+        if "signals" in batch:
+            return batch["signals"]["hidden"], batch["signals"]["rows"]
+        with torch.no_grad():
+            t_out = teacher_forward(self.teacher, batch, self.cfg.run.precision)
+        hidden = {t: t_out.hidden_states[t] for t, _ in self.layer_map}
+        rows = t_out.logits[loss_mask]
+        if self.cfg.kd.top_k and self.cfg.data.task != "classification":
+            rows = top_k_logits(rows[..., : self.vocab], self.cfg.kd.top_k, self.cfg.kd.temperature)
+        return hidden, rows
+
     def __call__(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         features_on = uses_features(cfg)
@@ -48,6 +66,7 @@ class Objective:
             if cfg.run.precision == "bf16"
             else contextlib.nullcontext()
         )
+        loss_mask = batch["labels"] != IGNORE  # (B,) all True for classification; (B, T) response positions
         with autocast:
             out = model(
                 input_ids=batch["input_ids"],
@@ -55,30 +74,24 @@ class Objective:
                 output_hidden_states=features_on,
             )
             terms = {"task": task_loss(out.logits, batch["labels"])}
-            if self.teacher is None:
+            if self.teacher is None and "signals" not in batch:
                 return terms
-            with torch.no_grad():
-                t_out = self.teacher(
-                    input_ids=batch.get("teacher_input_ids", batch["input_ids"]),
-                    attention_mask=batch.get("teacher_attention_mask", batch["attention_mask"]),
-                    output_hidden_states=features_on,
-                )
-        loss_mask = batch["labels"] != IGNORE  # (B,) all True for classification; (B, T) response positions
+            t_hidden, t_rows = self.teacher_outputs(batch, loss_mask)
         if cfg.kd.loss != "none" and cfg.kd.weight > 0:
-            # Checkpoints may pad the output layer beyond the tokenizer; only real tokens carry probability.
-            s_logits, t_logits = out.logits, t_out.logits
-            if s_logits.shape[-1] != t_logits.shape[-1]:
-                s_logits, t_logits = s_logits[..., : self.vocab], t_logits[..., : self.vocab]
-            terms["kd"] = KD_LOSSES[cfg.kd.loss](
-                s_logits, t_logits, loss_mask, cfg.kd.temperature, cfg.kd.skew
-            )
+            s_rows = out.logits[loss_mask]
+            if isinstance(t_rows, TopK):
+                s_rows = s_rows[..., : self.vocab]
+            elif s_rows.shape[-1] != t_rows.shape[-1]:
+                # Checkpoints may pad the output layer beyond the tokenizer; only real tokens carry probability.
+                s_rows, t_rows = s_rows[..., : self.vocab], t_rows[..., : self.vocab]
+            terms["kd"] = kd_on_rows(cfg.kd.loss, s_rows, t_rows, cfg.kd.temperature, cfg.kd.skew)
         if features_on:
             feature_loss = FEATURE_LOSSES[cfg.feature.loss]
             token_mask = batch["attention_mask"].bool() if cfg.feature.tokens == "all" else loss_mask
             per_layer = [
                 feature_loss(
                     out.hidden_states[s_layer],
-                    t_out.hidden_states[t_layer],
+                    t_hidden[t_layer],
                     token_mask,
                     self.units[i],
                     self.projector[i] if self.projector is not None else None,

@@ -35,7 +35,7 @@ class RunPlan:
     terms: list[str]
     """The loss terms with a positive weight: a subset of task, kd, feat."""
     loads_teacher: bool
-    """Does the loop run the teacher (KD or a feature term)?"""
+    """Does the loop run the teacher (KD or a feature term) live? False when it reads cached signals."""
     selects_units: bool
     """Does the run score and select teacher units (pearson / mse_std)?"""
     train_rows: int | None
@@ -44,6 +44,8 @@ class RunPlan:
     """Ray Train workers (0: in this process)."""
     cpus_per_worker: int = 1
     gpus_per_worker: int = 0
+    signals: str = ""
+    """The teacher-signal cache folder the loop reads instead of running the teacher (``flexkd.signals``)."""
     notes: list[str] = field(default_factory=list)
     """What the checks could not establish yet (said by `flexkd show --check`)."""
 
@@ -70,10 +72,15 @@ class RunPlan:
             else "no teacher read"
         )
         where = f"{self.workers} Ray Train worker(s)" if self.workers else "in this process"
+        source = f", teacher signals from {self.signals}" if self.signals else ""
         return (
             f"{teacher}, student hidden {self.student.hidden} x {self.student.layers} layers, "
-            f"layer map {self.layer_map}, k {self.k}, terms {'+'.join(self.terms)}, {where}"
+            f"layer map {self.layer_map}, k {self.k}, terms {'+'.join(self.terms)}, {where}{source}"
         )
+
+    @property
+    def teacher_layers(self) -> list[int]:
+        return sorted({t for t, _ in self.layer_map})
 
 
 def make_plan(cfg: Config, teacher: ModelDims | None, student: ModelDims, train_rows: int | None) -> RunPlan:

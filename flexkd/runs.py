@@ -10,7 +10,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from flexkd import artifacts
+from flexkd import artifacts, signals
 from flexkd.checks import check_teacher_recipe, missing_teacher, preflight, teacher_ready
 from flexkd.config import Config, ConfigError, dump_yaml, uses_selection, uses_teacher
 from flexkd.plan import RunPlan
@@ -92,6 +92,7 @@ def distil(cfg: Config, plan: RunPlan | None = None, quiet: bool = False, resume
     from flexkd.train import train
 
     ensure_teacher(cfg, quiet=quiet)
+    signals.attach(cfg, plan)
     recorder = RunRecorder(
         cfg.run.output_dir, progress_sinks(cfg.train.steps, quiet), resume=resume, config_text=dump_yaml(cfg)
     )

@@ -37,14 +37,15 @@ def compute_scores(bench: Workbench, teacher_layers: list[int], cache: ScoreCach
     """
     cfg = bench.cfg
     rows = bench.data.scoring_set(cfg.scoring.num_examples, cfg.data.split_seed)
-    dim = hidden_size(bench.teacher.config)
+    dim = hidden_size(bench.teacher_config)
 
     def compute() -> ScoreSet:
         examples = bench.encode_rows(rows)
         mine = shard_batches(len(examples), cfg.scoring.batch_size, rank(), world_size())
+        teacher = bench.load_teacher()  # a run from cached signals loads it for this pass only
         start = time.perf_counter()
         scores = score_units(
-            bench.teacher, (bench.batch([examples[i] for i in r]) for r in mine), teacher_layers, dim
+            teacher, (bench.batch([examples[i] for i in r]) for r in mine), teacher_layers, dim
         )
         if is_distributed():
             scores = scores.unflatten(all_reduce_sum(scores.flatten()))

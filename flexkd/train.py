@@ -37,6 +37,7 @@ from flexkd.objective import Objective
 from flexkd.plan import RunPlan
 from flexkd.scorepass import compute_selection
 from flexkd.selection import LayerSelection
+from flexkd.signals import SignalReader
 from flexkd.workbench import open_workbench
 
 if TYPE_CHECKING:
@@ -68,7 +69,12 @@ def train(
 
     Besides ``train/``, ``val/``, ``test/`` and ``perf/`` metrics, the first report after a scoring pass
     carries ``event/scored_s`` (its seconds; ``event/scores_cached`` when the cache had them) and the first after
-    a resume ``event/resumed_from_step``.
+    a resume ``event/resumed_from_step``. The first report also says where the teacher's outputs came from:
+    ``event/teacher_source`` (cached | live | none) and ``event/teacher_loads`` (times this process loaded the
+    teacher's weights: 0 for a run from cached signals whose scores were cached too).
+
+    With ``plan.signals`` (``flexkd.signals.attach``) the loop reads the teacher's outputs from that cache by
+    training-example index and never loads the teacher, except for a scoring pass that misses its cache.
     """
     # --- setup ---------------------------------------------------------------------------------------
     entered = time.perf_counter()
@@ -83,6 +89,7 @@ def train(
     torch.manual_seed(cfg.run.seed)
     bench = open_workbench(cfg, plan.loads_teacher)
     device, data = bench.device, bench.data
+    signals = SignalReader(plan.signals) if plan.signals else None
     world, me = world_size(), rank()
     limit = cfg.eval.max_examples or None
     val_rows, test_rows = data.val[:limit], data.test[:limit]
@@ -97,10 +104,14 @@ def train(
         world,
     )
 
+    if signals is not None:
+        signals.check_covers(len(train_examples))
+        signals.load_all()  # read and checksum every shard now, not at step 1000
+        log.info("teacher signals: %d examples from %s", signals.examples, signals.folder)
+
     data_ready = time.perf_counter()
 
     # --- models --------------------------------------------------------------------------------------
-    teacher = bench.teacher
     if resume_from:
         student = ckpt.load_student(resume_from, cfg.data.task)
     else:
@@ -130,7 +141,16 @@ def train(
                 events["event/scored_s"] = bench.scoring_seconds
             else:
                 events["event/scores_cached"] = 1.0
-    units = [torch.tensor(s.indices, device=device) for s in selections] or [None] * len(layer_map)
+    if signals is not None:
+        bench.release_teacher()  # loaded only if the scoring pass missed its cache
+        columns = [signals.unit_columns(s.teacher_layer, s.indices) for s in selections]
+    else:
+        columns = [s.indices for s in selections]
+    units = [torch.tensor(c, device=device) for c in columns] or [None] * len(layer_map)
+    teacher = bench.teacher
+    events["event/teacher_source"] = "cached" if signals else ("live" if teacher is not None else "none")
+    events["event/teacher_loads"] = bench.teacher_loads
+    signal_layers = plan.teacher_layers if "feat" in plan.terms else []
 
     # --- wrap for data parallelism (the student only: the teacher has no gradients to synchronise) ---------
     # The projector is small and called layer by layer, so its gradients are averaged by hand (below).
@@ -177,7 +197,11 @@ def train(
         # the draws of the run it continues without saving RNG states.
         torch.manual_seed((cfg.run.seed * 1_000_003 + step) * 1009 + me)
         for a, micro in enumerate(micro_batches(indices, me, world, accum)):
-            batch = bench.batch([train_examples[i] for i in micro])
+            examples = [train_examples[i] for i in micro]
+            batch = bench.batch(examples)
+            if signals is not None:
+                lengths = [len(e["input_ids"]) for e in examples]
+                batch["signals"] = signals.gather(micro, lengths, signal_layers, cfg.kd.temperature, device)
             # DDP averages gradients on every backward; only the last micro-batch needs to.
             sync = contextlib.nullcontext() if (a == accum - 1 or world == 1) else model.no_sync()
             with sync:

@@ -33,6 +33,9 @@ class Workbench:
     teacher_config: object | None  # read even when the teacher's weights are not (a student arch copies it)
     device: torch.device
     scoring_seconds: float | None = None  # set when this process ran a scoring pass (not a cache hit)
+    teacher_loads: int = (
+        0  # times this process loaded the teacher's weights (0 for a run from cached signals)
+    )
 
     def encode_rows(self, rows: list[dict]) -> list[dict]:
         """Encode with the student's tokenizer; add the teacher's ids when its tokenizer differs (same splits)."""
@@ -51,16 +54,43 @@ class Workbench:
         return out
 
     def batch(self, examples: list[dict]) -> dict:
-        pad_t = self.tok_t.pad_token_id if self.tok_t is not self.tok_s else None
-        return {k: v.to(self.device) for k, v in collate(examples, self.tok_s.pad_token_id, pad_t).items()}
+        return make_batcher(self.tok_t, self.tok_s, self.device)(examples)
+
+    def load_teacher(self) -> torch.nn.Module:
+        """The teacher's weights, loaded now if they were not (a run from cached signals that must score)."""
+        if self.teacher is None:
+            self.teacher = load_teacher(self.cfg, self.tok_t, self.data.label_names).to(self.device)
+            self.teacher_loads += 1
+        return self.teacher
+
+    def release_teacher(self) -> None:
+        self.teacher = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def open_tokenizers(cfg: Config):
+    """(teacher tokenizer, student tokenizer); one object when they hold one vocabulary (encode once)."""
+    tok_t = teacher_tokenizer(cfg)
+    tok_s = student_tokenizer(cfg, tok_t)
+    if cfg.student.path and tok_s.get_vocab() == tok_t.get_vocab():
+        tok_s = tok_t
+    return tok_t, tok_s
+
+
+def make_batcher(tok_t, tok_s, device: torch.device):
+    """encoded examples -> a right-padded batch on ``device`` (teacher ids too when the tokenizers differ)."""
+    pad_t = tok_t.pad_token_id if tok_t is not tok_s else None
+
+    def batch(examples: list[dict]) -> dict:
+        return {k: v.to(device) for k, v in collate(examples, tok_s.pad_token_id, pad_t).items()}
+
+    return batch
 
 
 def open_workbench(cfg: Config, need_teacher: bool) -> Workbench:
     device = pick_device(cfg)
-    tok_t = teacher_tokenizer(cfg)
-    tok_s = student_tokenizer(cfg, tok_t)
-    if cfg.student.path and tok_s.get_vocab() == tok_t.get_vocab():
-        tok_s = tok_t  # one vocabulary: encode once
+    tok_t, tok_s = open_tokenizers(cfg)
     data = load_task_data(cfg.data)
     teacher = load_teacher(cfg, tok_t, data.label_names).to(device) if need_teacher else None
     if teacher is not None:
@@ -69,4 +99,6 @@ def open_workbench(cfg: Config, need_teacher: bool) -> Workbench:
         teacher_config = AutoConfig.from_pretrained(cfg.teacher.path)
     else:
         teacher_config = None  # fine-tuning the teacher itself: its arch names everything
-    return Workbench(cfg, tok_t, tok_s, data, teacher, teacher_config, device)
+    return Workbench(
+        cfg, tok_t, tok_s, data, teacher, teacher_config, device, teacher_loads=int(need_teacher)
+    )

@@ -218,7 +218,7 @@ def test_a_second_run_with_the_same_scoring_settings_does_not_rescore(disk, tmp_
     cache = ScoreCache(str(tmp_path / "cache"))
     cfg = demo_cfg(disk, tmp_path, "train.steps=4", "train.eval_every=0")
     events = []
-    report = lambda m, s, c=None: events.extend(k for k in m if k.startswith("event/"))  # noqa: E731
+    report = lambda m, s, c=None: events.extend(k for k in m if k.startswith("event/scor"))  # noqa: E731
     train(cfg, report, score_cache=cache)
     # Another trial: other loss weights and learning rate, same teacher and scoring settings.
     other = demo_cfg(

@@ -4,6 +4,7 @@
     flexkd teacher CONFIG [key=value ...]
     flexkd train   CONFIG [key=value ...] [--resume]
     flexkd score   CONFIG [key=value ...]
+    flexkd signals CONFIG [key=value ...] [--list] [--delete KEY|all]
     flexkd eval    CONFIG [key=value ...] --model DIR [--split val|test]
     flexkd sweep   SWEEP  [key=value ...] [--dry-run] [--resume]
     flexkd submit  SWEEP  [key=value ...] --address URL [--wait] [--dry-run]
@@ -60,9 +61,12 @@ def cmd_show(args) -> int:
     cfg = load_config(args.config, args.overrides)
     print(dump_yaml(cfg), end="")
     if args.check:
-        from flexkd.checks import preflight
+        from flexkd.checks import preflight, teacher_ready
+        from flexkd.signals import attach
 
         plan = preflight(cfg)
+        if teacher_ready(cfg):
+            attach(cfg, plan)
         print(f"# checks passed: {plan.describe()}")
         for note in plan.notes:
             print(f"# note: {note}")
@@ -110,6 +114,48 @@ def cmd_score(args) -> int:
 
         path = score_only(cfg, plan)
     print(path)
+    return 0
+
+
+def cmd_signals(args) -> int:
+    from flexkd import signals as sig
+
+    if args.list or args.delete:
+        cfg = load_config(args.config or "demo", args.overrides)
+        store = sig.Store(cfg.signals.path)
+        found = sig.manifests(store)
+        if args.delete:
+            names = [n for n, _ in found] if args.delete == "all" else [args.delete]
+            for name in names:
+                if not store.exists(name):
+                    raise ConfigError(f"--delete: no teacher signals {name!r} in {cfg.signals.path}")
+                store.delete(name)
+                print(f"deleted {store.path(name)}")
+            return 0
+        print(f"teacher signals in {cfg.signals.path}: {len(found)}")
+        for name, m in found:
+            sizes, spec = m["sizes"], m["spec"]
+            logits = f"top-{spec['top_k']}" if spec["top_k"] else "full logits"
+            print(
+                f"{name}  {m['examples']} examples  layers {spec['layers']}  {spec['dtype']}  {logits}  "
+                f"{sizes['bytes'] / 1e6:.1f} MB  {sizes['bytes_per_token']:.0f} B/token  built {m['created']}"
+            )
+        return 0
+    from flexkd.checks import preflight
+    from flexkd.runs import ensure_teacher
+    from tuning.signals import build
+
+    cfg = load_config(args.config, args.overrides)
+    plan = preflight(cfg)
+    if not plan.teacher:
+        raise ConfigError("teacher.path: this config reads no teacher, so it has no teacher signals to build")
+    ensure_teacher(cfg, quiet=args.quiet)
+    manifest = build(cfg, plan, quiet=args.quiet)
+    sizes = manifest["sizes"]
+    print(
+        f"{manifest['folder']}: {manifest['examples']} examples, {sizes['tokens']} tokens, "
+        f"{sizes['bytes'] / 1e6:.1f} MB ({sizes['bytes_per_token']:.0f} B/token)"
+    )
     return 0
 
 
@@ -167,6 +213,10 @@ COMMANDS = {
         cmd_score,
         "score and select teacher units; write selection.json only (sharded on Ray when scaling.num_workers >= 1)",
     ),
+    "signals": (
+        cmd_signals,
+        "run the teacher once over the training rows (Ray Data) and store its signals; --list, --delete",
+    ),
     "eval": (cmd_eval, "evaluate a saved model folder on the config's val or test split"),
     "sweep": (cmd_sweep, "search with Ray Tune + Optuna; every trial and the best students in MLflow"),
     "submit": (cmd_submit, "run a sweep on a Ray cluster as a Ray job (Jobs SDK)"),
@@ -183,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
             if name in ("sweep", "submit")
             else "preset name or YAML file"
         )
-        p.add_argument("config", nargs="?" if name == "show" else None, help=what)
+        p.add_argument("config", nargs="?" if name in ("show", "signals") else None, help=what)
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. selection.k=16")
         p.add_argument("--quiet", action="store_true", help="no progress lines")
         p.set_defaults(fn=fn)
@@ -232,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--resume", action="store_true", help="the job continues the newest sweep of this name"
             )
+        if name == "signals":
+            p.add_argument("--list", action="store_true", help="list the caches under signals.path")
+            p.add_argument("--delete", metavar="KEY", help="delete one cache (its folder name) or all")
         if name == "eval":
             p.add_argument("--model", required=True, help="model folder, e.g. RUN/student")
             p.add_argument("--split", default="test", choices=["val", "test", "train"])

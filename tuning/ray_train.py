@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
+from flexkd import signals
 from flexkd.config import Config, ConfigError, dump_yaml, from_dict, to_dict
 from flexkd.plan import RunPlan
 from flexkd.reporting import EVENTS_FILE, RunRecorder, progress_sinks
@@ -105,6 +106,12 @@ class QueueRelay(UserCallback):
 
 def storage_root(cfg: Config) -> str:
     return cfg.scaling.storage_path or str(Path("./flexkd-runs/ray").resolve())
+
+
+def score_cache_root(cfg: Config, storage: str) -> str:
+    """Where a Ray run keeps scores: scoring.cache when set, else beside its checkpoints (a restarted worker
+    group, or the next trial of a sweep, then finds them)."""
+    return cfg.scoring.cache or f"{storage}/score-cache"
 
 
 def check_resources(plan: RunPlan, extra_cpus: float = 0.0) -> None:
@@ -249,6 +256,7 @@ def fit(
 
     plan = plan or preflight(cfg)  # the CLI has run it already and passes its plan
     ensure_teacher(cfg, quiet=quiet)
+    signals.attach(cfg, plan)  # before Ray: a missing cache with signals.mode=cached reserves no worker
     start_ray(num_cpus=num_cpus, quiet=quiet)
     recorder = RunRecorder(
         cfg.run.output_dir, progress_sinks(cfg.train.steps, quiet), resume=resume, config_text=dump_yaml(cfg)
@@ -271,7 +279,7 @@ def fit(
             name,
             storage_root(cfg),
             recorder=recorder,
-            score_cache=f"{storage_root(cfg)}/score-cache",
+            score_cache=score_cache_root(cfg, storage_root(cfg)),
         )
     except TrainingFailedError as err:
         raise RuntimeError(

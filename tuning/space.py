@@ -291,6 +291,7 @@ def check_space_files(spec: SweepSpec) -> RunPlan:
 
     base = spec.base_config
     plan = preflight(from_dict(base))
+    space_configs(spec)  # refuses ranges over keys the teacher signals depend on
     for param in spec.params:
         for assignment in param_values(param):
             try:
@@ -351,6 +352,67 @@ def trial_config(spec: SweepSpec, sampled: dict, run_name: str) -> Config:
     data = merge(spec.resolved_base, dotted(trial_overrides(spec, sampled)))
     data = merge(data, {"run": {"name": run_name}})
     return from_dict(data)
+
+
+# Keys whose values change what the sweep driver prepares before the first trial: the teacher signals
+# (flexkd.signals.MATERIAL_KEYS, by prefix) and the scoring passes (plus the keys that turn them on).
+PREPARED_PREFIXES = (
+    "teacher.",
+    "student.path",
+    "data.",
+    "run.precision",
+    "feature.layers",
+    "feature.loss",
+    "kd.loss",
+    "kd.top_k",
+    "kd.temperature",
+    "signals.",
+    "scoring.",
+)
+
+
+def _prepared(key: str) -> bool:
+    return key.startswith(PREPARED_PREFIXES)
+
+
+def space_configs(spec: SweepSpec) -> list[Config]:
+    """Every combination of the categorical parameters that change what the driver prepares (teacher
+    signals, scoring passes), each as a trial config would be; ``when`` conditions are ignored, so this
+    covers every trial (and perhaps a few combinations no trial draws). A continuous parameter over such a
+    key is refused where it would change the signals (each value would need its own build)."""
+    import itertools
+
+    base = spec.resolved_base
+    axes = []
+    for p in spec.params:
+        keys = {k for a in param_values(p) for k in a}
+        if not any(_prepared(k) for k in keys):
+            continue
+        if p.kind in ("choice", "bundles"):
+            axes.append(param_values(p))
+            continue
+        if p.name == "kd.temperature":
+            cfg = from_dict(base)
+            if cfg.kd.top_k and cfg.data.task != "classification" and cfg.signals.mode != "live":
+                raise ConfigError(
+                    f"space.{p.name}: top-k teacher signals (kd.top_k={cfg.kd.top_k}) store the tail at fixed "
+                    "temperatures; search it as a choice, store full logits (kd.top_k=0) or set signals.mode=live"
+                )
+            continue
+        if p.name.startswith("scoring."):
+            continue  # trials score such values themselves (cached)
+        if from_dict(base).signals.mode != "live":
+            raise ConfigError(
+                f"space.{p.name}: a {p.kind} range over a key the teacher signals depend on; each value needs its "
+                "own build before the first trial, so search it as a choice (or set signals.mode=live)"
+            )
+    out = []
+    for combo in itertools.product(*axes) if axes else [()]:
+        data = base
+        for assignment in combo:
+            data = merge(data, dotted(assignment))
+        out.append(from_dict(data))
+    return out
 
 
 def describe(spec: SweepSpec) -> str:

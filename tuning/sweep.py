@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from flexkd import signals
 from flexkd.config import dump_yaml, from_dict, to_dict
 from flexkd.dotted import flatten
 from flexkd.reporting import RunRecorder
@@ -77,7 +78,7 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
     from ray import tune
 
     from flexkd.checks import preflight
-    from tuning.ray_train import run_trainer
+    from tuning.ray_train import run_trainer, score_cache_root
 
     entered = time.perf_counter()
     timing = {"perf/trial/process_start_s": _process_start_cost()}
@@ -87,6 +88,7 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
     cfg = trial_config(spec, sampled, run_name=f"{spec.name}-{trial_id}")
     cfg.run.output_dir = str(out)
     plan = preflight(cfg)  # this trial's own values: every one was checked on the driver, this is its plan
+    signals.attach(cfg, plan)  # the driver built the signals of every value of the space
     params = {**flatten(to_dict(cfg)), **{f"sweep.{k}": v for k, v in sampled.items()}}
     run_id = tracking.start_child(
         context.uri,
@@ -112,7 +114,7 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
             f"trial-{trial_id}",  # stable: a restarted trial's Train run resumes from its checkpoint
             context.storage,
             recorder=recorder,
-            score_cache=f"{context.storage}/score-cache",
+            score_cache=score_cache_root(cfg, context.storage),
             extra_cpus=spec.resources.cpus_per_trial,
         )
         metrics = recorder.finish()
@@ -275,6 +277,18 @@ def run_sweep(
     # between two saves forgets the trials started since, so save often (the state is small).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     start_ray(num_cpus=num_cpus, quiet=quiet)
+    # The teacher's outputs and scores, once for the whole sweep, before the first trial.
+    from tuning.signals import build_for_sweep
+
+    prepared = time.perf_counter()
+    builds = build_for_sweep(spec, storage, quiet=quiet)
+    if builds:
+        tracking.client(uri).set_tag(
+            state["parent_id"],
+            "flexkd.teacher_signals",
+            "; ".join(f"{b['folder']} ({b['bytes'] / 1e6:.1f} MB)" for b in builds),
+        )
+        log.info("teacher signals and scores ready in %.1fs", time.perf_counter() - prepared)
     resources = {"cpu": spec.resources.cpus_per_trial}
     if spec.resources.gpus_per_trial:
         resources["gpu"] = spec.resources.gpus_per_trial

@@ -1,0 +1,755 @@
+"""Teacher signals: the frozen teacher's outputs over the training rows, computed once and read by index.
+
+The teacher is frozen and in eval mode, so for a fixed tokenisation its outputs are a pure function of the
+row. A signal cache holds, per training example, the mapped teacher layers' hidden states at every token
+(every unit, or only a build's selected units) and the teacher's logits at the loss positions: every class
+for classification; for causal LMs the whole vocabulary, or with ``kd.top_k`` the top k logits and the tail's
+log-sum-exp at each temperature the cache serves (``flexkd.losses.TopK``). The loop then trains without the
+teacher: ``SignalReader.gather`` gives a micro-batch the tensors the live teacher would have given it.
+
+Layout: one content-addressed folder per cache under ``signals.path``::
+
+    <root>/<key>/shard-00000.safetensors ...   written in parallel (tuning/signals.py runs the Ray Data job)
+    <root>/<key>/manifest.json                 written last, atomically: a folder without it is never read
+
+The key hashes the *material*: the teacher's files, the student's tokenizer (it decides the positions), the
+training rows, the tokenisation settings, precision, layers, dtype, top-k and temperatures. A run looks for
+its key, then for a cache whose material differs only by holding more (a superset of layers or
+temperatures); anything else is refused with the config key that differs.
+
+A shard holds its examples' tensors concatenated, with offsets: ``index`` (n,), ``tok_offsets`` (n+1,),
+``pos_offsets`` (n+1,), ``hidden.<layer>`` (tokens, d), and ``logits`` (positions, C|V) or ``top_values`` /
+``top_indices`` (positions, k) with ``tail`` (positions, temperatures).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flexkd.config import Config, ConfigError
+from flexkd.data import IGNORE
+from flexkd.losses import TopK, top_k_logits
+
+log = logging.getLogger("flexkd")
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Material field -> the config key a user would change to make it differ (named in every refusal).
+MATERIAL_KEYS = {
+    "teacher": "teacher.path",
+    "tokenizer": "student.path",
+    "rows": "data.source",
+    "task": "data.task",
+    "template": "data.template",
+    "max_length": "data.max_length",
+    "max_response_length": "data.max_response_length",
+    "precision": "run.precision",
+    "layers": "feature.layers",
+    "dtype": "signals.dtype",
+    "top_k": "kd.top_k",
+    "temperatures": "kd.temperature",
+    "units": "signals.units",
+}
+SUPERSET_FIELDS = ("layers", "temperatures")  # a cache holding more of these serves a run needing fewer
+
+
+class SignalError(ConfigError):
+    """A signal cache that cannot serve this run: the message names the config key or the file."""
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def rows_digest(rows: list[dict]) -> str:
+    return _digest(rows)
+
+
+def tokenizer_digest(tokenizer) -> str:
+    return _digest([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens])
+
+
+def is_causal(cfg: Config) -> bool:
+    return cfg.data.task != "classification"
+
+
+def temperatures_needed(cfg: Config) -> list[float]:
+    """Temperatures whose tail a top-k cache must hold (none when the logits are stored whole)."""
+    return [float(cfg.kd.temperature)] if is_causal(cfg) and cfg.kd.top_k else []
+
+
+def material(cfg: Config, bench, layers: list[int], temperatures: list[float] | None = None) -> dict:
+    """What signals for this config depend on. ``bench``: a ``flexkd.workbench.Workbench`` (tokenizers, data)."""
+    from flexkd.scorecache import fingerprint_model
+
+    return {
+        "teacher": _digest(fingerprint_model(cfg.teacher.path)),
+        "tokenizer": tokenizer_digest(bench.tok_s),
+        "rows": rows_digest(bench.data.train),
+        "task": cfg.data.task,
+        "template": cfg.data.template,
+        "max_length": cfg.data.max_length,
+        "max_response_length": cfg.data.max_response_length if is_causal(cfg) else 0,
+        "precision": cfg.run.precision,
+        "layers": sorted(set(layers)),
+        "dtype": cfg.signals.dtype,
+        "top_k": cfg.kd.top_k if is_causal(cfg) else 0,
+        "temperatures": sorted(set(temperatures if temperatures is not None else temperatures_needed(cfg))),
+        "units": cfg.signals.units,
+    }
+
+
+def signal_key(mat: dict) -> str:
+    return hashlib.sha256(json.dumps({"format": FORMAT, **mat}, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def differences(have: dict, want: dict) -> list[str]:
+    """The material fields in which a cache (``have``) cannot serve ``want``; empty when it can."""
+    out = []
+    for name in MATERIAL_KEYS:
+        a, b = have.get(name), want.get(name)
+        if name in SUPERSET_FIELDS:
+            if not set(b or []) <= set(a or []):
+                out.append(name)
+        elif a != b:
+            out.append(name)
+    return out
+
+
+def describe_difference(name: str, have: dict, want: dict, where: str) -> str:
+    key = MATERIAL_KEYS[name]
+    what = {
+        "teacher": "another teacher (its files differ)",
+        "tokenizer": "another tokenizer (the student's tokenizer decides the positions)",
+        "rows": "other training rows (data.source, its splits or data.max_train_examples differ)",
+    }.get(name)
+    if what is None:
+        what = f"{name} {have.get(name)!r}; this run needs {want.get(name)!r}"
+    return f"{key}: the teacher signals in {where} were built for {what}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Storage: a local folder or a pyarrow filesystem (s3://, gs://)
+
+
+class Store:
+    """The signal root: local paths are written to a temporary name and renamed (atomic); cloud URIs
+    through pyarrow, where a single-object write is atomic."""
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self.local = "://" not in self.root or self.root.startswith("file://")
+        if self.local:
+            self.root = self.root.removeprefix("file://")
+
+    def _fs(self):
+        from pyarrow import fs
+
+        return fs.FileSystem.from_uri(self.root)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def exists(self, *parts: str) -> bool:
+        if self.local:
+            return Path(self.path(*parts)).exists()
+        from pyarrow import fs
+
+        filesystem, base = self._fs()
+        return filesystem.get_file_info("/".join([base, *parts])).type != fs.FileType.NotFound
+
+    def read(self, *parts: str) -> bytes:
+        if self.local:
+            return Path(self.path(*parts)).read_bytes()
+        filesystem, base = self._fs()
+        with filesystem.open_input_stream("/".join([base, *parts])) as f:
+            return f.read()
+
+    def write(self, data: bytes, *parts: str) -> None:
+        if self.local:
+            target = Path(self.path(*parts))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+            return
+        filesystem, base = self._fs()
+        filesystem.create_dir("/".join([base, *parts[:-1]]), recursive=True)
+        with filesystem.open_output_stream("/".join([base, *parts])) as f:
+            f.write(data)
+
+    def folders(self) -> list[str]:
+        if self.local:
+            root = Path(self.root)
+            return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        from pyarrow import fs
+
+        filesystem, base = self._fs()
+        infos = filesystem.get_file_info(fs.FileSelector(base, allow_not_found=True))
+        return sorted(Path(i.path).name for i in infos if i.type == fs.FileType.Directory)
+
+    def delete(self, name: str) -> None:
+        if self.local:
+            import shutil
+
+            shutil.rmtree(self.path(name), ignore_errors=True)
+            return
+        filesystem, base = self._fs()
+        filesystem.delete_dir(f"{base}/{name}")
+
+    @contextlib.contextmanager
+    def lock(self, key: str):
+        """Exclusive per key across processes on one (shared POSIX) filesystem; a no-op for cloud URIs."""
+        if not self.local:
+            yield
+            return
+        import fcntl
+
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        with open(Path(self.root) / f".{key}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_manifest(store: Store, name: str) -> dict | None:
+    if not store.exists(name, MANIFEST):
+        return None
+    try:
+        return json.loads(store.read(name, MANIFEST))
+    except (OSError, ValueError) as err:
+        raise SignalError(f"{store.path(name, MANIFEST)}: unreadable manifest ({err})") from None
+
+
+def manifests(store: Store) -> list[tuple[str, dict]]:
+    """(folder name, manifest) of every complete cache under the root."""
+    out = []
+    for name in store.folders():
+        found = read_manifest(store, name)
+        if found is not None:
+            out.append((name, found))
+    return out
+
+
+def find(cfg: Config, want: dict) -> str | None:
+    """The folder (full path) of a cache that serves material ``want``, or None.
+
+    ``signals.path`` may also name one cache folder itself (it holds a manifest): that cache must serve the
+    run, or the refusal names the key that differs. With ``signals.mode=cached`` a miss is an error that
+    names the nearest cache's first difference.
+    """
+    root = cfg.signals.path
+    direct = Store(root)
+    if direct.exists(MANIFEST):  # signals.path is one cache folder
+        manifest = json.loads(direct.read(MANIFEST))
+        diff = differences(manifest["material"], want)
+        if diff:
+            raise SignalError(describe_difference(diff[0], manifest["material"], want, root))
+        return root
+    store = Store(root)
+    key = signal_key(want)
+    candidates = manifests(store)
+    for name, manifest in candidates:
+        if name == key or not differences(manifest["material"], want):
+            return store.path(name)
+    if cfg.signals.mode == "cached":
+        if not candidates:
+            raise SignalError(
+                f"signals.mode: cached, but {root} holds no teacher signals; build them with "
+                "`flexkd signals CONFIG` (same keys as this run)"
+            )
+        name, nearest = min(candidates, key=lambda c: len(differences(c[1]["material"], want)))
+        first = differences(nearest["material"], want)[0]
+        raise SignalError(describe_difference(first, nearest["material"], want, store.path(name)))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Computing one shard (the Ray Data actor and the in-process build both call this)
+
+
+@dataclass
+class ShardSpec:
+    """What a shard stores, the same for every shard of one cache."""
+
+    layers: list[int]
+    dtype: str
+    causal: bool
+    top_k: int
+    temperatures: list[float]
+    vocab: int
+    units: dict[int, list[int]] | None  # per layer, the stored units (signals.units=selected); None: all
+    precision: str = "fp32"
+
+    def to_dict(self) -> dict:
+        data = dict(self.__dict__)
+        if self.units is not None:
+            data["units"] = {str(k): v for k, v in self.units.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ShardSpec:
+        data = dict(data)
+        if data.get("units") is not None:
+            data["units"] = {int(k): v for k, v in data["units"].items()}
+        return cls(**data)
+
+
+@torch.no_grad()
+def compute_shard(teacher, examples: list[dict], spec: ShardSpec, batch_fn, batch_size: int) -> dict:
+    """Run the teacher over ``examples`` (encoded, each with its ``index``) -> the shard's tensors.
+
+    batch_fn: encoded examples -> a batch on the teacher's device (``Workbench.batch``), so the teacher sees
+    exactly what the loop would show it.
+    """
+    dtype = DTYPES[spec.dtype]
+    hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in spec.layers}
+    logits, top_values, top_indices, tails = [], [], [], []
+    tok_offsets, pos_offsets = [0], [0]
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = batch_fn(chunk)
+        out = teacher_forward(teacher, batch, spec.precision)
+        loss_mask = batch["labels"] != IGNORE
+        for b, ex in enumerate(chunk):
+            length = len(ex["input_ids"])
+            for layer in spec.layers:
+                h = out.hidden_states[layer][b, :length]
+                if spec.units is not None:
+                    h = h.index_select(-1, torch.tensor(spec.units[layer], device=h.device))
+                hidden[layer].append(h.float().to(dtype).cpu())
+            rows = out.logits[b][loss_mask[b]] if spec.causal else out.logits[b : b + 1]
+            tok_offsets.append(tok_offsets[-1] + length)
+            pos_offsets.append(pos_offsets[-1] + rows.shape[0])
+            if spec.causal and spec.top_k:
+                rows = rows[..., : spec.vocab].float()
+                top = top_k_logits(rows, spec.top_k, 1.0)
+                top_values.append(top.values.to(dtype).cpu())
+                top_indices.append(top.indices.to(torch.int32).cpu())
+                tails.append(
+                    torch.stack([top_k_logits(rows, spec.top_k, t).tail for t in spec.temperatures], -1)
+                    .float()
+                    .cpu()
+                )
+            else:
+                logits.append(rows.float().to(dtype).cpu())
+    tensors = {
+        "index": torch.tensor([ex["index"] for ex in examples], dtype=torch.int64),
+        "tok_offsets": torch.tensor(tok_offsets, dtype=torch.int64),
+        "pos_offsets": torch.tensor(pos_offsets, dtype=torch.int64),
+    }
+    for layer in spec.layers:
+        tensors[f"hidden.{layer}"] = torch.cat(hidden[layer])
+    if logits:
+        tensors["logits"] = torch.cat(logits)
+    if top_values:
+        tensors["top_values"] = torch.cat(top_values)
+        tensors["top_indices"] = torch.cat(top_indices)
+        tensors["tail"] = torch.cat(tails)
+    return tensors
+
+
+def teacher_forward(teacher, batch: dict, precision: str = "fp32"):
+    """The teacher's forward on a batch: the one call the live loop and the build share."""
+    autocast = (
+        torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16)
+        if precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        return teacher(
+            input_ids=batch.get("teacher_input_ids", batch["input_ids"]),
+            attention_mask=batch.get("teacher_attention_mask", batch["attention_mask"]),
+            output_hidden_states=True,
+        )
+
+
+def encode_shard(tensors: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()})
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def shard_record(i: int, data: bytes, tensors: dict) -> dict:
+    return {
+        "file": shard_name(i),
+        "first": int(tensors["index"][0]),
+        "count": int(tensors["index"].numel()),
+        "tokens": int(tensors["tok_offsets"][-1]),
+        "positions": int(tensors["pos_offsets"][-1]),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def decode_shard(data: bytes, where: str) -> dict:
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception as err:  # safetensors raises its own error types for a truncated or garbled file
+        raise SignalError(
+            f"{where}: corrupt signal shard ({err}); delete the cache folder and rebuild"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Estimating, planning and finishing a build
+
+
+def estimate_bytes(examples: list[dict], spec: ShardSpec, teacher_hidden: int, classes: int) -> int:
+    """Bytes the shards will take (tensor payloads; headers are a few KB per shard)."""
+    item = DTYPES[spec.dtype].itemsize
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    if spec.causal:
+        positions = sum(sum(1 for v in e["labels"] if v != IGNORE) for e in examples)
+    else:
+        positions = len(examples)
+    width = {layer: len(spec.units[layer]) if spec.units else teacher_hidden for layer in spec.layers}
+    hidden = tokens * sum(width.values()) * item
+    if spec.causal and spec.top_k:
+        per_position = spec.top_k * (item + 4) + 4 * len(spec.temperatures)
+    else:
+        per_position = (spec.vocab if spec.causal else classes) * item
+    return hidden + positions * per_position + 24 * len(examples)
+
+
+def check_budget(estimate: int, cfg: Config) -> None:
+    limit = cfg.signals.max_gb * 1e9
+    if estimate > limit:
+        raise SignalError(
+            f"signals.max_gb: these signals would take {estimate / 1e9:.2f} GB, over the limit of "
+            f"{cfg.signals.max_gb:g} GB; raise it, store bfloat16 (signals.dtype), map fewer layers "
+            "(feature.layers), keep the top logits only (kd.top_k) or store the selected units (signals.units=selected)"
+        )
+
+
+def write_manifest(
+    store: Store, key: str, mat: dict, spec: ShardSpec, shards: list[dict], extra: dict
+) -> dict:
+    shards = sorted(shards, key=lambda r: r["first"])
+    total = sum(r["bytes"] for r in shards)
+    tokens = sum(r["tokens"] for r in shards)
+    manifest = {
+        "format": FORMAT,
+        "key": key,
+        "material": mat,
+        "spec": spec.to_dict(),
+        "examples": sum(r["count"] for r in shards),
+        "shards": shards,
+        "sizes": {
+            "bytes": total,
+            "tokens": tokens,
+            "positions": sum(r["positions"] for r in shards),
+            "bytes_per_token": total / max(tokens, 1),
+        },
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **extra,
+    }
+    store.write(json.dumps(manifest, indent=1).encode(), key, MANIFEST)  # last: the cache now exists
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+
+
+class SignalReader:
+    """A cache folder, read by training-example index (shards are read and checked on first use)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder.rstrip("/")
+        self.store = Store(self.folder)
+        if not self.store.exists(MANIFEST):
+            raise SignalError(
+                f"{self.folder}: no {MANIFEST}; the build did not finish (rerun `flexkd signals` to resume it)"
+            )
+        manifest = json.loads(self.store.read(MANIFEST))
+        self.manifest = manifest
+        self.spec = ShardSpec.from_dict(manifest["spec"])
+        self.shards = manifest["shards"]
+        self._where: dict[int, tuple[int, int]] = {}
+        for s_i, record in enumerate(self.shards):
+            for j in range(record["count"]):
+                self._where[record["first"] + j] = (s_i, j)
+        self._loaded: dict[int, dict] = {}
+
+    @property
+    def examples(self) -> int:
+        return self.manifest["examples"]
+
+    def _shard(self, s_i: int) -> dict:
+        if s_i not in self._loaded:
+            record = self.shards[s_i]
+            where = f"{self.folder}/{record['file']}"
+            if not self.store.exists(record["file"]):
+                raise SignalError(f"{where}: missing signal shard; delete the cache folder and rebuild")
+            data = self.store.read(record["file"])
+            if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+                raise SignalError(
+                    f"{where}: corrupt signal shard ({len(data)} bytes, the manifest says {record['bytes']} "
+                    "and another checksum); delete the cache folder and rebuild"
+                )
+            self._loaded[s_i] = decode_shard(data, where)
+        return self._loaded[s_i]
+
+    def check_covers(self, n_examples: int) -> None:
+        if self.examples != n_examples or any(i not in self._where for i in range(n_examples)):
+            raise SignalError(
+                f"data.source: the teacher signals in {self.folder} hold {self.examples} examples; "
+                f"this run trains on {n_examples}"
+            )
+
+    def load_all(self) -> None:
+        """Read and check every shard now (the loop does this before its first step)."""
+        for s_i in range(len(self.shards)):
+            self._shard(s_i)
+
+    def _example(self, index: int):
+        if index not in self._where:
+            raise SignalError(f"{self.folder}: no signals for training example {index}")
+        s_i, j = self._where[index]
+        shard = self._shard(s_i)
+        t0, t1 = shard["tok_offsets"][j : j + 2].tolist()
+        p0, p1 = shard["pos_offsets"][j : j + 2].tolist()
+        return shard, (t0, t1), (p0, p1)
+
+    def gather(
+        self,
+        indices: list[int],
+        lengths: list[int],
+        layers: list[int],
+        temperature: float,
+        device,
+    ) -> dict:
+        """The micro-batch's teacher outputs, as the live teacher gives them to the losses.
+
+        Returns ``{"hidden": {layer: (B, T, d) float32, zero past each example's length}, "rows": the logits at
+        the loss positions, (N, C|V) float32 or a TopK}``, T = max(lengths). ``lengths`` are the examples'
+        token counts in this run; a count that differs from the cache's is an error (another tokenisation).
+        """
+        width = max(lengths)
+        parts = [self._example(i) for i in indices]
+        for i, length, (_, (t0, t1), _) in zip(indices, lengths, parts):
+            if t1 - t0 != length:
+                raise SignalError(
+                    f"data.max_length: training example {i} has {length} tokens here and {t1 - t0} in the "
+                    f"teacher signals of {self.folder}; they were built with another tokenisation"
+                )
+        hidden = {}
+        for layer in layers:
+            name = f"hidden.{layer}"
+            if name not in parts[0][0]:
+                raise SignalError(
+                    f"feature.layers: teacher layer {layer} is not in the signals of {self.folder} "
+                    f"(they hold {self.spec.layers})"
+                )
+            d = parts[0][0][name].shape[-1]
+            out = torch.zeros(len(indices), width, d, dtype=torch.float32)
+            for b, (shard, (t0, t1), _) in enumerate(parts):
+                out[b, : t1 - t0] = shard[name][t0:t1].float()
+            hidden[layer] = out.to(device, non_blocking=True)
+        if "logits" in parts[0][0]:
+            rows = torch.cat([shard["logits"][p0:p1].float() for shard, _, (p0, p1) in parts]).to(device)
+        else:
+            temps = self.spec.temperatures
+            if float(temperature) not in temps:
+                raise SignalError(
+                    f"kd.temperature: {temperature:g} is not among the temperatures of the top-k signals in "
+                    f"{self.folder} ({temps}); build signals for it"
+                )
+            t = temps.index(float(temperature))
+            rows = TopK(
+                torch.cat([s["top_values"][p0:p1].float() for s, _, (p0, p1) in parts]).to(device),
+                torch.cat([s["top_indices"][p0:p1].long() for s, _, (p0, p1) in parts]).to(device),
+                torch.cat([s["tail"][p0:p1, t] for s, _, (p0, p1) in parts]).to(device),
+            )
+        return {"hidden": hidden, "rows": rows}
+
+    def unit_columns(self, layer: int, units: list[int]) -> list[int]:
+        """Columns of the stored hidden states holding ``units`` (all units stored: the units themselves)."""
+        if self.spec.units is None:
+            return list(units)
+        stored = {u: c for c, u in enumerate(self.spec.units[layer])}
+        missing = [u for u in units if u not in stored]
+        if missing:
+            raise SignalError(
+                f"signals.units: this run selects teacher units {missing[:5]}{'...' if len(missing) > 5 else ''} "
+                f"of layer {layer}, which the signals in {self.folder} do not hold (they keep the build's "
+                "selection); use signals.units=all or the build's selection.k and strategy"
+            )
+        return [stored[u] for u in units]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A build: planned on the driver, shards computed by ``ShardWriter`` (in a Ray Data actor, or in process),
+# the manifest written last.
+
+
+@dataclass
+class BuildPlan:
+    key: str
+    material: dict
+    spec: ShardSpec
+    chunks: list[list[dict]]
+    """The encoded training examples (each with its ``index``), cut into shards."""
+    estimate: int
+    tokens: int
+    root: str
+
+    @property
+    def folder(self) -> str:
+        return Store(self.root).path(self.key)
+
+    def describe(self) -> str:
+        stored = "selected units" if self.spec.units else "every unit"
+        if self.spec.causal:
+            logits = f"top {self.spec.top_k} logits + tail" if self.spec.top_k else "full-vocabulary logits"
+        else:
+            logits = "class logits"
+        return (
+            f"teacher signals {self.key}: {sum(len(c) for c in self.chunks)} examples, {self.tokens} tokens, "
+            f"layers {self.spec.layers} ({stored}), {logits}, {self.spec.dtype}; estimate "
+            f"{self.estimate / 1e6:.1f} MB ({self.estimate / max(self.tokens, 1):.0f} B/token) in "
+            f"{len(self.chunks)} shard(s)"
+        )
+
+
+def plan_build(
+    cfg: Config,
+    bench,
+    layers: list[int],
+    temperatures: list[float] | None = None,
+    units: dict[int, list[int]] | None = None,
+) -> BuildPlan:
+    """What a build of ``layers`` for this config writes, and where (nothing is computed yet)."""
+    from flexkd.models import hidden_size
+
+    mat = material(cfg, bench, layers, temperatures)
+    examples = bench.encode_rows(bench.data.train)
+    for i, ex in enumerate(examples):
+        ex["index"] = i
+    spec = ShardSpec(
+        layers=mat["layers"],
+        dtype=cfg.signals.dtype,
+        causal=is_causal(cfg),
+        top_k=mat["top_k"],
+        temperatures=mat["temperatures"],
+        vocab=len(bench.tok_s),
+        units=units,
+        precision=cfg.run.precision,
+    )
+    size = cfg.signals.shard_examples
+    chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
+    estimate = estimate_bytes(
+        examples, spec, hidden_size(bench.teacher_config), max(len(bench.data.label_names), 1)
+    )
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    return BuildPlan(signal_key(mat), mat, spec, chunks, estimate, tokens, cfg.signals.path)
+
+
+class ShardWriter:
+    """Holds one copy of the teacher; ``writer(i, examples)`` computes and writes shard i, returns its record.
+
+    A shard file already there from an interrupted build is checked and kept (the build resumes).
+    """
+
+    def __init__(self, cfg_dict: dict, label_names: list[str], spec: dict, folder: str):
+        from flexkd.config import from_dict
+        from flexkd.models import load_teacher
+        from flexkd.workbench import make_batcher, open_tokenizers, pick_device
+
+        cfg = from_dict(cfg_dict)
+        self.cfg = cfg
+        self.spec = ShardSpec.from_dict(spec)
+        self.store = Store(folder)
+        device = pick_device(cfg)
+        tok_t, tok_s = open_tokenizers(cfg)
+        self.teacher = load_teacher(cfg, tok_t, label_names).to(device)
+        self.batch = make_batcher(tok_t, tok_s, device)
+        self.computed = 0
+        self.kept = 0
+
+    def __call__(self, i: int, examples: list[dict]) -> dict:
+        name = shard_name(i)
+        if self.store.exists(name):
+            data = self.store.read(name)
+            try:
+                tensors = decode_shard(data, name)
+                if tensors["index"].tolist() == [e["index"] for e in examples]:
+                    self.kept += 1
+                    return shard_record(i, data, tensors)
+            except SignalError:
+                pass  # a shard cut short by the interruption: computed again below
+        tensors = compute_shard(self.teacher, examples, self.spec, self.batch, self.cfg.signals.batch_size)
+        data = encode_shard(tensors)
+        self.store.write(data, name)
+        self.computed += 1
+        return shard_record(i, data, tensors)
+
+
+def finish_build(bp: BuildPlan, records: list[dict], seconds: float, **extra) -> dict:
+    missing = sorted(set(range(len(bp.chunks))) - {int(r["file"][6:11]) for r in records})
+    if missing:
+        raise RuntimeError(f"{bp.folder}: shards {missing} were not written; rerun the build to resume it")
+    return write_manifest(
+        Store(bp.root), bp.key, bp.material, bp.spec, records, {"build_s": seconds, **extra}
+    )
+
+
+def build_in_process(cfg: Config, bp: BuildPlan, label_names: list[str]) -> dict:
+    """The build without Ray (one teacher copy in this process): the same ``ShardWriter`` as the Ray Data job."""
+    from flexkd.config import to_dict
+
+    store = Store(bp.root)
+    with store.lock(bp.key):
+        found = read_manifest(store, bp.key)
+        if found is not None:
+            return found
+        start = time.perf_counter()
+        writer = ShardWriter(to_dict(cfg), label_names, bp.spec.to_dict(), bp.folder)
+        records = [writer(i, chunk) for i, chunk in enumerate(bp.chunks)]
+        return finish_build(bp, records, time.perf_counter() - start, actors=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A run's plan: cached signals instead of the teacher, when they exist
+
+
+def attach(cfg: Config, plan, bench=None):
+    """Point the plan at a cache that serves this run (``signals.mode`` auto or cached); the loop then loads
+    no teacher weights. Returns the plan (changed in place). ``bench``: an open workbench, if the caller has one."""
+    if cfg.signals.mode == "live" or not plan.loads_teacher or plan.signals:
+        return plan
+    if bench is None:
+        from flexkd.workbench import open_workbench
+
+        bench = open_workbench(cfg, need_teacher=False)
+    folder = find(cfg, material(cfg, bench, plan.teacher_layers))
+    if folder:
+        plan.signals = folder
+        plan.loads_teacher = False
+        log.info("teacher signals: %s (the loop loads no teacher)", folder)
+    elif cfg.signals.mode == "auto":
+        plan.notes.append(
+            f"no teacher signals in {cfg.signals.path} for this run; the loop runs the teacher live "
+            "(`flexkd signals CONFIG` builds them once for every later run)"
+        )
+    return plan
