@@ -5,27 +5,25 @@ first MiB of each, so that a re-fine-tuned teacher at the same path is a new key
 themselves, the tokenisation settings, the scoring batch size and the teacher layers. Every scoring method
 comes out of one pass, so all methods share one entry.
 
-Entries are written to a temporary name and renamed, so a reader never sees half a file; on a local or
-shared POSIX filesystem an ``fcntl`` lock per key makes a second trial that asks while the first is scoring
-wait for the result instead of scoring too. Cloud URIs (``s3://``, ``gs://``) go through pyarrow's
-filesystems without the lock: two trials may then both score, and the second write replaces an identical file.
+Entries are kept through ``flexkd.storage.Store``: written whole or not at all, and on a local or shared
+POSIX filesystem locked per key, so a second trial that asks while the first is scoring waits for the result
+instead of scoring too. Cloud URIs (``s3://``, ``gs://``) have no lock: two trials may then both score, and the
+second write replaces an identical file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import logging
-import os
-import uuid
 from pathlib import Path
 
 import torch
 
 from flexkd.config import is_local_path
 from flexkd.scoring import ScoreSet, UnitScores
+from flexkd.storage import Store
 
 log = logging.getLogger("flexkd")
 FORMAT = 1
@@ -60,8 +58,8 @@ class ScoreCache:
     """
 
     def __init__(self, root: str):
-        self.root = root.rstrip("/")
-        self.local = "://" not in root or root.startswith("file://")
+        self.store = Store(root)
+        self.root = self.store.root
         self.hits = 0
         self.misses = 0
 
@@ -71,72 +69,20 @@ class ScoreCache:
         return cache_key(material)
 
     def load(self, key: str) -> ScoreSet | None:
-        found = self._read(key)
-        if found is not None:
-            self.hits += 1
-            log.info("scores loaded from the cache (%s)", key)
+        if not self.store.exists(f"{key}.pt"):
+            return None
+        found = _decode(self.store.read(f"{key}.pt"))
+        self.hits += 1
+        log.info("scores loaded from the cache (%s)", key)
         return found
 
     def save(self, key: str, scores: ScoreSet) -> None:
-        self._write(key, scores)
+        self.store.write(_encode(scores), f"{key}.pt")
         self.misses += 1
 
-    # --- storage ---------------------------------------------------------------------------------------
-
-    def _path(self, key: str) -> str:
-        return f"{self.root}/{key}.pt"
-
-    @contextlib.contextmanager
     def lock(self, key: str):
         """Exclusive per key across processes on one (shared POSIX) filesystem; a no-op for cloud URIs."""
-        if not self.local:
-            yield
-            return
-        import fcntl
-
-        root = Path(self.root.removeprefix("file://"))
-        root.mkdir(parents=True, exist_ok=True)
-        with open(root / f"{key}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # a second trial waits here while the first scores
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def _fs(self):
-        from pyarrow import fs
-
-        return fs.FileSystem.from_uri(self.root)
-
-    def _read(self, key: str) -> ScoreSet | None:
-        if self.local:
-            path = Path(self._path(key).removeprefix("file://"))
-            if not path.exists():
-                return None
-            data = path.read_bytes()
-        else:
-            filesystem, base = self._fs()
-            target = f"{base}/{key}.pt"
-            from pyarrow import fs
-
-            if filesystem.get_file_info(target).type == fs.FileType.NotFound:
-                return None
-            with filesystem.open_input_stream(target) as f:
-                data = f.read()
-        return _decode(data)
-
-    def _write(self, key: str, scores: ScoreSet) -> None:
-        data = _encode(scores)
-        if self.local:
-            path = Path(self._path(key).removeprefix("file://"))
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)  # atomic: readers see the old state or the whole file
-            return
-        filesystem, base = self._fs()
-        filesystem.create_dir(base, recursive=True)
-        with filesystem.open_output_stream(f"{base}/{key}.pt") as f:
-            f.write(data)
+        return self.store.lock(key)
 
 
 def _encode(scores: ScoreSet) -> bytes:

@@ -28,17 +28,15 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from flexkd.config import Config, ConfigError
 from flexkd.data import IGNORE
 from flexkd.losses import TopK, top_k_logits
+from flexkd.storage import Store
 
 log = logging.getLogger("flexkd")
 
@@ -137,92 +135,6 @@ def describe_difference(name: str, have: dict, want: dict, where: str) -> str:
     if what is None:
         what = f"{name} {have.get(name)!r}; this run needs {want.get(name)!r}"
     return f"{key}: the teacher signals in {where} were built for {what}"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Storage: a local folder or a pyarrow filesystem (s3://, gs://)
-
-
-class Store:
-    """The signal root: local paths are written to a temporary name and renamed (atomic); cloud URIs
-    through pyarrow, where a single-object write is atomic."""
-
-    def __init__(self, root: str):
-        self.root = root.rstrip("/")
-        self.local = "://" not in self.root or self.root.startswith("file://")
-        if self.local:
-            self.root = self.root.removeprefix("file://")
-
-    def _fs(self):
-        from pyarrow import fs
-
-        return fs.FileSystem.from_uri(self.root)
-
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
-    def exists(self, *parts: str) -> bool:
-        if self.local:
-            return Path(self.path(*parts)).exists()
-        from pyarrow import fs
-
-        filesystem, base = self._fs()
-        return filesystem.get_file_info("/".join([base, *parts])).type != fs.FileType.NotFound
-
-    def read(self, *parts: str) -> bytes:
-        if self.local:
-            return Path(self.path(*parts)).read_bytes()
-        filesystem, base = self._fs()
-        with filesystem.open_input_stream("/".join([base, *parts])) as f:
-            return f.read()
-
-    def write(self, data: bytes, *parts: str) -> None:
-        if self.local:
-            target = Path(self.path(*parts))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
-            return
-        filesystem, base = self._fs()
-        filesystem.create_dir("/".join([base, *parts[:-1]]), recursive=True)
-        with filesystem.open_output_stream("/".join([base, *parts])) as f:
-            f.write(data)
-
-    def folders(self) -> list[str]:
-        if self.local:
-            root = Path(self.root)
-            return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        from pyarrow import fs
-
-        filesystem, base = self._fs()
-        infos = filesystem.get_file_info(fs.FileSelector(base, allow_not_found=True))
-        return sorted(Path(i.path).name for i in infos if i.type == fs.FileType.Directory)
-
-    def delete(self, name: str) -> None:
-        if self.local:
-            import shutil
-
-            shutil.rmtree(self.path(name), ignore_errors=True)
-            return
-        filesystem, base = self._fs()
-        filesystem.delete_dir(f"{base}/{name}")
-
-    @contextlib.contextmanager
-    def lock(self, key: str):
-        """Exclusive per key across processes on one (shared POSIX) filesystem; a no-op for cloud URIs."""
-        if not self.local:
-            yield
-            return
-        import fcntl
-
-        Path(self.root).mkdir(parents=True, exist_ok=True)
-        with open(Path(self.root) / f".{key}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_manifest(store: Store, name: str) -> dict | None:

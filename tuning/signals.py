@@ -15,6 +15,7 @@ scoring setting of the space, so trials that select units load no teacher either
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -207,8 +208,8 @@ def build_for_sweep(spec, storage: str, quiet: bool = False) -> list[dict]:
         group = _group_key(cfg)
         if group not in benches:
             benches[group] = open_workbench(cfg, need_teacher=True)
-        bench = benches[group]
-        bench.cfg = cfg
+        # One teacher and data per group; the scoring settings are this combination's.
+        bench = dataclasses.replace(benches[group], cfg=cfg, scoring_seconds=None)
         compute_scores(bench, plan.teacher_layers, ScoreCache(score_cache_root(cfg, storage)))
     for bench in benches.values():
         bench.release_teacher()
