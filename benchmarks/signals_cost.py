@@ -51,25 +51,54 @@ def _require(*paths: Path) -> None:
 # step: live vs cached
 
 
-def _step_setup(pair: str, batch_size: int, seq_len: int, folder: Path, with_teacher: bool):
-    """(objective pieces, student, batch, reader) for one pair; writes the batch's signals into ``folder``."""
+def _student_only(pair: str):
+    """(None, student, teacher tokenizer, student tokenizer): what a trainer from cached signals loads."""
+    from step_cost import PAIRS, tiny_classifier
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from flexkd import demo
+
+    t_spec, s_spec = PAIRS[pair]
+    if isinstance(s_spec, dict):
+        tok = demo.build_tokenizer("classification")
+        return None, tiny_classifier(s_spec, 1, tok), tok, tok
+    student = AutoModelForSequenceClassification.from_pretrained(ASSETS / s_spec, num_labels=2)
+    tok_t, tok_s = (
+        AutoTokenizer.from_pretrained(ASSETS / t_spec),
+        AutoTokenizer.from_pretrained(ASSETS / s_spec),
+    )
+    return None, student, tok_t, tok_s
+
+
+def _step_setup(pair: str, batch_size: int, seq_len: int, folder: Path, mode: str):
+    """(objective pieces, student, batch, reader) for one pair. mode: "parent" (teacher and student; writes
+    the batch's signals into ``folder``), "live" (teacher and student) or "cached" (student and reader: the
+    teacher is never constructed)."""
+    import json as _json
+
     import torch
     from step_cost import build_pair, make_batch
 
     from flexkd import signals as sig
     from flexkd.config import load_config
 
-    teacher, student, tok_t, tok_s = build_pair(pair, torch.device("cpu"), torch.float32)
+    with_teacher = mode != "cached"
+    if with_teacher:
+        teacher, student, tok_t, tok_s = build_pair(pair, torch.device("cpu"), torch.float32)
+        teacher_layers = teacher.config.num_hidden_layers
+    else:
+        teacher, student, tok_t, tok_s = _student_only(pair)
+        teacher_layers = _json.loads(Path(folder, "bench", sig.MANIFEST).read_text())["spec"]["layers"][0]
     batch = make_batch(tok_t, tok_s, batch_size, seq_len, torch.device("cpu"))
     cfg = load_config("demo", ["feature.loss=pearson", "kd.loss=fkl", "teacher.path=/unused"])
-    layers = [teacher.config.num_hidden_layers]
+    layers = [teacher_layers]
     spec = sig.ShardSpec(layers, "float32", False, 0, [], 0, None)
     lengths = batch["attention_mask"].sum(1).tolist()
     examples = [
         {"index": i, "input_ids": batch["input_ids"][i, :n].tolist(), "labels": int(batch["labels"][i])}
         for i, n in enumerate(lengths)
     ]
-    if with_teacher:  # the parent process: the cache is written once
+    if mode == "parent":  # the cache is written once
         if "teacher_input_ids" in batch:
             for i, ex in enumerate(examples):
                 ex["teacher_input_ids"] = batch["teacher_input_ids"][i, : lengths[i]].tolist()
@@ -85,13 +114,13 @@ def _step_setup(pair: str, batch_size: int, seq_len: int, folder: Path, with_tea
         store = sig.Store(str(folder))
         store.write(data, "bench", sig.shard_name(0))
         sig.write_manifest(store, "bench", {}, spec, [sig.shard_record(0, data, tensors)], {})
-    else:
-        del teacher
-    reader = sig.SignalReader(str(folder / "bench"))
-    reader.load_all()
+    reader = None
+    if mode != "live":
+        reader = sig.SignalReader(str(folder / "bench"))
+        reader.load_all()
     d_s = student.config.hidden_size
     units = [torch.arange(d_s)]
-    return cfg, layers, units, student, batch, reader, lengths, (teacher if with_teacher else None)
+    return cfg, layers, units, student, batch, reader, lengths, teacher
 
 
 def step_memory(pair: str, batch_size: int, seq_len: int, folder: str, mode: str, steps: int) -> None:
@@ -101,14 +130,9 @@ def step_memory(pair: str, batch_size: int, seq_len: int, folder: str, mode: str
     from flexkd.objective import Objective
 
     with_teacher = mode == "live"
-    if with_teacher:
-        cfg, layers, units, student, batch, reader, lengths, teacher = _step_setup(
-            pair, batch_size, seq_len, Path(tempfile.mkdtemp()), True
-        )
-    else:
-        cfg, layers, units, student, batch, reader, lengths, teacher = _step_setup(
-            pair, batch_size, seq_len, Path(folder), False
-        )
+    cfg, layers, units, student, batch, reader, lengths, teacher = _step_setup(
+        pair, batch_size, seq_len, Path(folder), mode
+    )
     student.train()
     objective = Objective(cfg, teacher, [(layers[0], -1)], units, None, vocab=0)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
@@ -119,7 +143,16 @@ def step_memory(pair: str, batch_size: int, seq_len: int, folder: str, mode: str
         objective.total(objective(student, b)).backward()
         optimizer.step()
         optimizer.zero_grad()
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mib": _peak_rss_mib()}))
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM belongs to the address space exec made, whereas
+    getrusage's ru_maxrss survives exec and would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_step(pair: str, batch_size: int, seq_len: int, repeats: int, warmup: int) -> dict:
@@ -129,7 +162,7 @@ def run_step(pair: str, batch_size: int, seq_len: int, repeats: int, warmup: int
 
     folder = Path(tempfile.mkdtemp(prefix="flexkd-bench-signals-"))
     cfg, layers, units, student0, batch, reader, lengths, teacher = _step_setup(
-        pair, batch_size, seq_len, folder, True
+        pair, batch_size, seq_len, folder, "parent"
     )
     mapped = [(layers[0], -1)]
     modes = {}
@@ -187,6 +220,25 @@ def run_step(pair: str, batch_size: int, seq_len: int, repeats: int, warmup: int
             check=True,
         )
         memory[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    # Storage error: each loss term from bf16 / fp16 signals (the gathered tensors rounded as the shards
+    # would store them) against the float32 ones, on this batch.
+    import torch
+
+    objective, student, _ = modes["cached"]
+    exact = dict(batch, signals=reader.gather(list(range(batch_size)), lengths, layers, 1.0, "cpu"))
+    student.eval()  # no dropout: the two forwards differ by the stored signals only
+    with torch.no_grad():
+        reference = {k: float(v) for k, v in objective(student, exact).items()}
+    storage_error = {}
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        rounded = exact["signals"]
+        rounded = {
+            "hidden": {k: v.to(dtype).float() for k, v in rounded["hidden"].items()},
+            "rows": rounded["rows"].to(dtype).float(),
+        }
+        with torch.no_grad():
+            got = {k: float(v) for k, v in objective(student, dict(batch, signals=rounded)).items()}
+        storage_error[name] = {k: abs(got[k] - reference[k]) / abs(reference[k]) for k in reference}
     live = median(times["live"])
     tokens = int(batch["attention_mask"].sum())
     rows = [
@@ -207,6 +259,7 @@ def run_step(pair: str, batch_size: int, seq_len: int, repeats: int, warmup: int
         "rows": rows,
         "raw_seconds": times,
         "cached_over_live": median(times["cached"]) / live,
+        "storage_relative_error": storage_error,
     }
 
 
@@ -275,6 +328,8 @@ def run_build(names: list[str], root: str) -> list[dict]:
         manifest = build(cfg, plan, quiet=True, num_cpus=2)
         wall = time.perf_counter() - started
         sizes, spec = manifest["sizes"], manifest["spec"]
+        item = 4 if spec["dtype"] == "float32" else 2
+        hidden_bytes = sizes["tokens"] * len(spec["layers"]) * plan.teacher.hidden * item
         rows.append(
             {
                 "signals": name,
@@ -284,6 +339,8 @@ def run_build(names: list[str], root: str) -> list[dict]:
                 "logits": f"top-{spec['top_k']}" if spec["top_k"] else "all",
                 "MB": sizes["bytes"] / 1e6,
                 "B/token": sizes["bytes_per_token"],
+                "logits B/token": (sizes["bytes"] - hidden_bytes) / sizes["tokens"],
+                "logits B/position": (sizes["bytes"] - hidden_bytes) / sizes["positions"],
                 "build s": manifest["build_s"],
                 "wall s (with set-up)": wall,
             }
@@ -406,6 +463,11 @@ def main(argv=None) -> int:
             f"{args.seq_len} tokens, {args.repeats} interleaved repeats\n# {machine()}"
         )
         print(table(result["rows"], ["mode", "median step s", "tokens/s", "x live", "trainer peak RSS MiB"]))
+        errors = [
+            {"storage": d, **{f"rel. error {k}": v for k, v in e.items()}}
+            for d, e in result["storage_relative_error"].items()
+        ]
+        print(table(errors, list(errors[0])))
         write_json(args.json, result)
         return 0
     if args.what == "build":

@@ -71,10 +71,22 @@ PAIRS = {
 }
 
 
+def tiny_classifier(spec: dict, seed: int, tok):
+    """A fresh 2-class classifier of architecture ``spec`` over ``tok``'s vocabulary, seeded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    fields = dict(spec)
+    conf = AutoConfig.for_model(
+        fields.pop("model_type"), vocab_size=len(tok), num_labels=2, pad_token_id=tok.pad_token_id, **fields
+    )
+    return AutoModelForSequenceClassification.from_config(conf)
+
+
 def build_pair(name: str, device, dtype):
     """(teacher, student, teacher tokenizer, student tokenizer) for a pair name."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from flexkd import demo
     from flexkd.models import freeze
@@ -84,16 +96,7 @@ def build_pair(name: str, device, dtype):
         tok = demo.build_tokenizer("classification")
 
         def make(spec, seed):
-            torch.manual_seed(seed)
-            fields = dict(spec)
-            conf = AutoConfig.for_model(
-                fields.pop("model_type"),
-                vocab_size=len(tok),
-                num_labels=2,
-                pad_token_id=tok.pad_token_id,
-                **fields,
-            )
-            return AutoModelForSequenceClassification.from_config(conf)
+            return tiny_classifier(spec, seed, tok)
 
         teacher, student, tok_t, tok_s = make(t_spec, 0), make(s_spec, 1), tok, tok
     else:

@@ -238,7 +238,7 @@ def preflight(cfg: Config) -> RunPlan:
     else:
         student = arch_dims(cfg.student.arch, teacher, "student.arch")
     plan = make_plan(cfg, teacher, student, train_rows)
-    plan.notes = notes
+    plan.notes = [*notes, *plan.notes]
     if (
         cfg.feature.loss in SELECTING_FEATURE_LOSSES
         and cfg.feature.tokens == "response"
