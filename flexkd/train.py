@@ -82,10 +82,11 @@ def train(
         from flexkd.checks import preflight
 
         plan = preflight(cfg)
-    if score_cache is None and cfg.scoring.cache:
+    if score_cache is None and (cfg.scoring.cache or plan.signals):
         from flexkd.scorecache import ScoreCache
 
-        score_cache = ScoreCache(cfg.scoring.cache)
+        # A run from cached signals keeps its scores beside them, so the next such run loads no teacher at all.
+        score_cache = ScoreCache(cfg.scoring.cache or f"{cfg.signals.path}/score-cache")
     torch.manual_seed(cfg.run.seed)
     bench = open_workbench(cfg, plan.loads_teacher)
     device, data = bench.device, bench.data

@@ -219,7 +219,9 @@ def test_four_steps_give_the_pinned_losses(disk, tmp_path):
     got = {s: {k: m[k] for k in PINNED_KEYS} for s, m in seen.items()}
     assert sorted(got) == [1, 2, 3, 4]
     for step, losses in PINNED_LOSSES.items():
-        assert got[step] == pytest.approx(losses, rel=1e-5, abs=1e-9), (step, json.dumps(got))
+        # abs 1e-8: the KD term is a KL of ~6e-6 between near-equal float32 distributions, whose last digits
+        # move with the machine's BLAS threading (3.7e-9 between two machines, at the same revision).
+        assert got[step] == pytest.approx(losses, rel=1e-5, abs=1e-8), (step, json.dumps(got))
 
 
 # ---------------------------------------------------------------------------------------------------------

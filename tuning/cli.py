@@ -135,7 +135,11 @@ def cmd_signals(args) -> int:
         print(f"teacher signals in {cfg.signals.path}: {len(found)}")
         for name, m in found:
             sizes, spec = m["sizes"], m["spec"]
-            logits = f"top-{spec['top_k']}" if spec["top_k"] else "full logits"
+            logits = (
+                f"top-{spec['top_k']} logits"
+                if spec["top_k"]
+                else ("full logits" if spec["causal"] else "class logits")
+            )
             print(
                 f"{name}  {m['examples']} examples  layers {spec['layers']}  {spec['dtype']}  {logits}  "
                 f"{sizes['bytes'] / 1e6:.1f} MB  {sizes['bytes_per_token']:.0f} B/token  built {m['created']}"

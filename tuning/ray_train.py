@@ -38,7 +38,13 @@ CONTROLLER_FAILURES = 3
 # worker's ray.train.report blocks while its previous report is still waiting: a loop reporting every 0.5 s
 # ran 4x slower than in-process (0.08 s against 0.02 s per step, measured on the demo). The controller reads
 # this variable from the process that calls fit(). A value the user has set wins.
-REPORT_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+REPORT_POLL_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    # Ray Train gives a worker group 60 s to start; on a loaded 2-CPU machine a worker's torch import alone
+    # took longer (a sweep trial failed so). check_resources already refuses requests a local cluster can
+    # never meet, so waiting longer only ever waits for resources that will come.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -107,11 +107,20 @@ def build(
             compute=ray.data.ActorPoolStrategy(size=actors),
             **per_actor,
         )
+        _quiet_ray_data()
         records = []
+        first = None  # when the first shard came back: the actors' start-up is not the shards' pace
         for row in ds.iter_rows():
             records.append(json.loads(row["record"]))
-            if not quiet:
-                log.info("signals: shard %d/%d written", len(records), len(bp.chunks))
+            now, done, total = time.perf_counter(), len(records), len(bp.chunks)
+            if quiet:
+                continue
+            if first is None:
+                first = now
+                log.info("signals: shard 1/%d written (%.0fs, teacher actors started)", total, now - started)
+            else:
+                eta = (now - first) / (done - 1) * (total - done)
+                log.info("signals: shard %d/%d written (%.0fs, eta %.0fs)", done, total, now - started, eta)
         seconds = time.perf_counter() - started
         manifest = sig.finish_build(bp, records, seconds, actors=actors)
     sizes = manifest["sizes"]
@@ -124,6 +133,17 @@ def build(
         bp.folder,
     )
     return {**manifest, "folder": bp.folder}
+
+
+def _quiet_ray_data() -> None:
+    """Our per-shard line is the progress; Ray Data's own every-10-seconds report would bury it."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _served(cfg: Config, bp: sig.BuildPlan) -> dict | None:
