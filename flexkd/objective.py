@@ -14,7 +14,7 @@ import torch
 from flexkd.config import Config, uses_features
 from flexkd.data import IGNORE
 from flexkd.losses import FEATURE_LOSSES, TopK, kd_on_rows, task_loss, top_k_logits
-from flexkd.signals import teacher_forward
+from flexkd.signals import effective_top_k, teacher_forward
 
 
 @dataclass
@@ -54,8 +54,9 @@ class Objective:
             t_out = teacher_forward(self.teacher, batch, self.cfg.run.precision)
         hidden = {t: t_out.hidden_states[t] for t, _ in self.layer_map}
         rows = t_out.logits[loss_mask]
-        if self.cfg.kd.top_k and self.cfg.data.task != "classification":
-            rows = top_k_logits(rows[..., : self.vocab], self.cfg.kd.top_k, self.cfg.kd.temperature)
+        top_k = effective_top_k(self.cfg, self.vocab)
+        if top_k:
+            rows = top_k_logits(rows[..., : self.vocab], top_k, self.cfg.kd.temperature)
         return hidden, rows
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:

@@ -82,6 +82,12 @@ def is_causal(cfg: Config) -> bool:
     return cfg.data.task != "classification"
 
 
+def effective_top_k(cfg: Config, vocab: int) -> int:
+    """kd.top_k as the losses apply it: 0 (the full vocabulary, exact) for classification and for k >= vocab."""
+    k = cfg.kd.top_k if is_causal(cfg) else 0
+    return k if 0 < k < vocab else 0
+
+
 def temperatures_needed(cfg: Config) -> list[float]:
     """Temperatures whose tail a top-k cache must hold (none when the logits are stored whole)."""
     return [float(cfg.kd.temperature)] if is_causal(cfg) and cfg.kd.top_k else []
@@ -91,6 +97,7 @@ def material(cfg: Config, bench, layers: list[int], temperatures: list[float] | 
     """What signals for this config depend on. ``bench``: a ``flexkd.workbench.Workbench`` (tokenizers, data)."""
     from flexkd.scorecache import fingerprint_model
 
+    top_k = effective_top_k(cfg, len(bench.tok_s))
     return {
         "teacher": _digest(fingerprint_model(cfg.teacher.path)),
         "tokenizer": tokenizer_digest(bench.tok_s),
@@ -102,8 +109,10 @@ def material(cfg: Config, bench, layers: list[int], temperatures: list[float] | 
         "precision": cfg.run.precision,
         "layers": sorted(set(layers)),
         "dtype": cfg.signals.dtype,
-        "top_k": cfg.kd.top_k if is_causal(cfg) else 0,
-        "temperatures": sorted(set(temperatures if temperatures is not None else temperatures_needed(cfg))),
+        "top_k": top_k,
+        "temperatures": sorted(set(temperatures if temperatures is not None else temperatures_needed(cfg)))
+        if top_k
+        else [],
         "units": cfg.signals.units,
     }
 

@@ -122,6 +122,12 @@ def test_top_k_signals_give_the_live_top_k_losses_and_bound_the_full_kl(disk, tm
     full, _ = _terms_live_and_cached(full_cfg, _build(full_cfg)[0].folder, [1, 2, 30])
     assert results[4] <= float(full["kd"]) + 1e-7
     assert results[vocab - 1] == pytest.approx(float(full["kd"]), rel=1e-5)
+    # k >= the vocabulary means the full vocabulary: the same cache and the same loss as kd.top_k=0.
+    wide = _config(
+        disk, tmp_path, "instruction", [f"kd.top_k={vocab + 5}", "kd.loss=fkl", "feature.loss=pearson"]
+    )
+    bp_wide, manifest = _build(wide)
+    assert manifest["spec"]["top_k"] == 0 and bp_wide.folder == _build(full_cfg)[0].folder
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("bfloat16", 1e-2), ("float16", 5e-3)])
