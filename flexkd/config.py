@@ -290,6 +290,18 @@ def uses_selection(cfg: Config) -> bool:
     return uses_features(cfg) and cfg.feature.loss in SELECTING_FEATURE_LOSSES
 
 
+def method_name(cfg: Config) -> str:
+    """What a run is, in the words of the method spec: ``sft``, ``kd``, ``flexkd+kd``, ``projector+kd``,
+    ``flexkd-random+kd`` (a selection other than the gradient one), ``flexkd-mse`` (the mse_std loss)."""
+    kd = cfg.kd.loss != "none" and cfg.kd.weight > 0
+    if not uses_features(cfg):
+        return "kd" if kd else "sft"
+    name = {"pearson": "flexkd", "mse_std": "flexkd-mse"}.get(cfg.feature.loss, cfg.feature.loss)
+    if uses_selection(cfg) and cfg.selection.strategy != "gradient":
+        name += f"-{cfg.selection.strategy}"
+    return name + ("+kd" if kd else "")
+
+
 def _choice(key: str, value: str, allowed: tuple[str, ...]):
     if value not in allowed:
         raise ConfigError(f"{key}: unknown value {value!r}; choose one of {', '.join(allowed)}")

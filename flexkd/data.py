@@ -9,6 +9,7 @@ so the loss mask is simply ``labels != -100`` and a classification label is one 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -223,6 +224,34 @@ def _label_names(rows: list[dict]) -> list[str]:
 
 def load_task_data(cfg: Data) -> TaskData:
     return split_task_data(load_raw_splits(cfg), cfg)
+
+
+def describe_splits(cfg: Data, splits: dict[str, list[dict]]) -> list[dict]:
+    """What a run trained and evaluated on, for the records: per split its name, source, rows and a digest
+    of its content (two runs with the same digest saw the same rows). ``splits``: context -> rows."""
+    base = Path(cfg.source).name if not _is_demo(cfg.source) else cfg.source
+    out = []
+    for context, rows in splits.items():
+        if not rows:
+            continue
+        digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+        out.append(
+            {
+                "context": context,
+                "name": f"{base}:{context}",
+                "source": cfg.source,
+                "rows": len(rows),
+                "digest": digest,
+            }
+        )
+    return out
+
+
+def model_inputs(cfg: Data, rows: list[dict], tokenizer, n: int = 2) -> list[str]:
+    """The text a served student takes for ``rows``: the input text (classification) or the rendered prompt."""
+    if cfg.task == "classification":
+        return [str(r["text"]) for r in rows[:n]]
+    return [render_prompt(cfg, r, tokenizer) for r in rows[:n]]
 
 
 # ---------------------------------------------------------------------------------------------------------

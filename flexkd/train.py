@@ -29,7 +29,7 @@ from transformers import get_scheduler
 
 from flexkd import checkpoint as ckpt
 from flexkd.config import Config
-from flexkd.data import micro_batches, step_indices
+from flexkd.data import describe_splits, micro_batches, model_inputs, step_indices
 from flexkd.distributed import all_reduce_sum, rank, world_size, wrap_distributed
 from flexkd.evaluation import evaluate
 from flexkd.models import build_student, hidden_size
@@ -131,7 +131,7 @@ def train(
 
     # --- score and select (once; a resumed run reads the selection from its checkpoint) ------------------
     selections: list[LayerSelection] = []
-    events: dict[str, float] = {}  # one-off facts, sent with the next report
+    events: dict = {}  # one-off facts, sent with the next report
     if plan.selects_units:
         if resume_from:
             selections = ckpt.load_selections(resume_from)
@@ -149,6 +149,10 @@ def train(
         columns = [s.indices for s in selections]
     units = [torch.tensor(c, device=device) for c in columns] or [None] * len(layer_map)
     teacher = bench.teacher
+    events["event/datasets"] = describe_splits(
+        cfg.data, {"train": data.train, "validation": val_rows, "test": test_rows}
+    )
+    events["event/examples"] = model_inputs(cfg.data, val_rows or data.train, bench.tok_s)
     events["event/teacher_source"] = "cached" if signals else ("live" if teacher is not None else "none")
     events["event/teacher_loads"] = bench.teacher_loads
     signal_layers = plan.teacher_layers if "feat" in plan.terms else []

@@ -224,8 +224,13 @@ def check_store(uri: str, experiment: str, parents: int) -> list:
     assert len(parent_runs) == parents and all(r.info.status == "FINISHED" for r in parent_runs)
     kids = tracking.children(uri, parent_runs[0].info.run_id, exp.experiment_id)
     assert len(kids) == 3
+    # The champion is the best of the sweeps' bests: a later sweep moves it only when it beats it.
+    bests = [client.get_run(p.data.tags["flexkd.best_run_id"]) for p in parent_runs]
+    champion = max(bests, key=lambda r: r.data.metrics["val/accuracy"])
     version = client.get_model_version_by_alias("flexkd-demo-student", tracking.CHAMPION)
-    assert version.run_id == parent_runs[0].data.tags["flexkd.best_run_id"]
+    assert (
+        client.get_run(version.run_id).data.metrics["val/accuracy"] == champion.data.metrics["val/accuracy"]
+    )
     return kids
 
 
@@ -238,11 +243,13 @@ def test_flexkd_submit_and_ray_job_submit_run_the_sweep_across_two_nodes(cluster
     )
     try:
         # --- flexkd submit --wait -------------------------------------------------------------------------
+        storage = cluster["temp"] / "storage"  # what every node shares on a real cluster
         code = main(
             [
                 "submit",
                 "quickstart",
                 *sweep_overrides(str(disk["teacher_cls"])),
+                f"storage_path={storage}",
                 "--address",
                 cluster["address"],
                 "--wait",
@@ -254,6 +261,11 @@ def test_flexkd_submit_and_ray_job_submit_run_the_sweep_across_two_nodes(cluster
         kids = check_store(cluster["uri"], "flexkd-quickstart", parents=1)
         nodes = {k.data.tags.get("flexkd.node_id") for k in kids}
         assert len(nodes) == 2, nodes  # the head has 1 CPU: two trials at once cannot both fit there
+        # The sweep's files outlive the job: in its storage, not in the job's temporary working directory.
+        assert {"quickstart-best.yaml", "quickstart-leaderboard.csv", "quickstart.latest.json"} <= {
+            p.name for p in storage.iterdir()
+        }
+        assert f"best config: {storage}/quickstart-best.yaml" in out
     finally:
         os.environ.clear()
         os.environ.update(env_before)

@@ -185,43 +185,94 @@ def test_sweep_with_asha_and_train_workers_records_everything(ray_cluster, disk,
     assert len(rows) == 3 and len({r["trial_id"] for r in rows}) == 3
     stopped = [r for r in rows if r["early_stopped"]]
     assert stopped, rows
-    assert all(r["status"] in ("FINISHED", "KILLED") for r in rows)
+    assert {r["status"] for r in rows} <= {"completed", "stopped_early"}
 
     # --- the parent run ------------------------------------------------------------------------------------
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.params["sweep.seed"] == "3" and parent.data.params["sweep.trials"] == "3"
-    assert parent.data.tags["version.ray"].startswith("2.") and "git.revision" in parent.data.tags
+    assert parent.data.tags["version.ray"].startswith("2.")
+    assert len(parent.data.tags["mlflow.source.git.commit"]) == 40  # MLflow's own name: the Source column
+    assert parent.data.tags["mlflow.source.name"] == f"flexkd sweep {spec.name}"
+    note = parent.data.tags[tracking.NOTE_TAG]  # the Description: the leaderboard's summary
+    assert "3 trials" in note and f"{summary['best'][spec.objective.metric]:.4f}" in note
     files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"sweep.yaml", "space.txt", "leaderboard.csv", "best.yaml"} <= files
-    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert "plots/optimization_history.png" in plots and "plots/parallel_coordinate.png" in plots
+    plot_files = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    for name in ("optimization_history", "intermediate_values", "parallel_coordinate"):
+        assert f"plots/{name}.png" in plot_files, plot_files
+    assert {"plots/search.html", "plots/trials.csv"} <= plot_files
 
-    # --- one child per trial, with params, per-step metrics and artifacts -------------------------------
+    # --- one child per trial, named for its method and trial number -------------------------------------
     runs = tracking.children(uri, parent.info.run_id, summary["experiment_id"])
     assert len(runs) == 3
-    for run in runs:
-        assert run.data.params["train.steps"] == "30" and "kd.weight" in run.data.params
+    numbers = [int(r.data.tags[tracking.NUMBER_TAG]) for r in runs]
+    assert numbers == [0, 1, 2]  # oldest first = the search's order (one trial at a time)
+    for run, number in zip(runs, numbers):
+        method = run.data.tags[tracking.METHOD_TAG]
+        assert method in ("sft", "flexkd+kd") and run.info.run_name == f"{method}-{number:03d}"
+        assert run.data.params["train.steps"] == "30"
+        assert ("feature.weight" in run.data.params) == (method == "flexkd+kd")  # only what applies
+        assert all(not k.startswith(("final/", "event/")) for k in run.data.metrics), run.data.metrics
+        assert "val/examples" not in run.data.metrics and run.data.tags["flexkd.val.examples"] == "100"
+        assert run.data.tags["flexkd.teacher_source"] in ("cached", "none")
+        contexts = {
+            t.value for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"
+        }
+        assert {"train", "validation"} <= contexts, run.inputs  # MLflow's Datasets tab
         history = client.get_metric_history(run.info.run_id, "train/loss")
         steps = [m.step for m in history]
         assert steps == sorted(set(steps)) and steps[0] == 10
-        if run.data.tags.get(tracking.EARLY_STOPPED_TAG) == "true":
-            assert run.info.status == "KILLED"
+        assert run.info.status == "FINISHED"
+        if run.data.tags[tracking.OUTCOME_TAG] == "stopped_early":
+            assert run.data.tags[tracking.EARLY_STOPPED_TAG] == "true"
+            assert "Stopped early by ASHA at step" in run.data.tags[tracking.NOTE_TAG]
+            # It ended when it was stopped, not when the sweep ended: within seconds of its last metric.
+            last = max(
+                m.timestamp
+                for key in run.data.metrics
+                for m in client.get_metric_history(run.info.run_id, key)
+            )
+            assert 0 <= run.info.end_time - last < 5000, (run.info.end_time, last)
             continue
-        assert run.info.status == "FINISHED" and steps[-1] == 30
+        assert run.data.tags[tracking.OUTCOME_TAG] == "completed" and steps[-1] == 30
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "metrics.json"} <= names
-        assert ("selection.json" in names) == (run.data.params["feature.loss"] == "pearson")
+        assert ("selection.json" in names) == (run.data.params.get("feature.loss") == "pearson")
 
-    # --- best.yaml reruns; the registry's champion is the best student and predicts ----------------------
+    # --- the plots were drawn from the search: trial order, stopped trials present --------------------------
+    table = (
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=parent.info.run_id, artifact_path="plots/trials.csv", tracking_uri=uri
+            )
+        )
+        .read_text()
+        .splitlines()
+    )
+    drawn = [line.split(",")[:3] for line in table[1:]]
+    by_id = {r.data.tags[tracking.TRIAL_TAG]: r for r in runs}
+    assert [int(n) for n, _, _ in drawn] == [0, 1, 2]
+    for n, trial_id, state in drawn:
+        assert by_id[trial_id].data.tags[tracking.NUMBER_TAG] == n
+        expected = {"completed": "finished", "stopped_early": "stopped"}[
+            by_id[trial_id].data.tags[tracking.OUTCOME_TAG]
+        ]
+        assert state == expected
+
+    # --- best.yaml reruns; the registry's champion is the best student, an MLflow model that predicts ------
     best = summary["best"]
     best_yaml = Path(summary["files"]["best"])
     cfg = load_config(str(best_yaml))
     assert cfg.run.name == f"{spec.name}-best"
-    assert client.get_run(best["run_id"]).data.params["optim.lr"] == str(cfg.optim.lr)
+    assert client.get_run(best["run_id"]).data.params["optim.lr"] == f"{cfg.optim.lr:.4g}"
     version = client.get_model_version_by_alias("test-student", tracking.CHAMPION)
-    assert version.run_id == best["run_id"]
-    model, tok = tracking.load_registered("models:/test-student@champion", task="classification")
+    assert version.run_id == best["run_id"] and version.tags["objective"] == "val/loss"
+    assert float(version.tags["val/loss"]) == pytest.approx(best["val/loss"], rel=1e-5)
+    versions = client.search_model_versions("name='test-student'")
+    newest = max(versions, key=lambda v: int(v.version))
+    assert newest.run_id == best["run_id"]  # "latest" is the best, not the runner-up
+    model, tok = tracking.load_registered("models:/test-student@champion", uri=uri)
     inputs = tok(["the plot was not very dull"], return_tensors="pt")
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -229,8 +280,18 @@ def test_sweep_with_asha_and_train_workers_records_everything(ray_cluster, disk,
     monkeypatch.setenv(
         "MLFLOW_TRACKING_URI", uri
     )  # what a user sets; then plain mlflow resolves the alias too
-    folder = Path(mlflow.artifacts.download_artifacts("models:/test-student@champion"))
-    assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
+    served = mlflow.pyfunc.load_model("models:/test-student@champion")
+    predicted = served.predict(["the plot was not very dull", "a fine film"])
+    labels = list(predicted["label"]) if hasattr(predicted, "columns") else [p["label"] for p in predicted]
+    assert len(labels) == 2 and set(labels) <= set(demo.LABELS), predicted
+
+    # --- resume of a finished sweep: nothing runs, nothing is registered twice --------------------------------
+    before = sorted((v.version, v.run_id) for v in client.search_model_versions("name='test-student'"))
+    again = run_sweep(spec, raw, resume=True, quiet=True)
+    after = sorted((v.version, v.run_id) for v in client.search_model_versions("name='test-student'"))
+    assert after == before and again["registered"]["versions"] == summary["registered"]["versions"]
+    assert client.get_model_version_by_alias("test-student", tracking.CHAMPION).version == version.version
+    assert len(tracking.children(uri, parent.info.run_id, summary["experiment_id"])) == 3
 
 
 def _children_of(pid: int) -> list[int]:
@@ -312,6 +373,7 @@ def test_a_killed_sweep_driver_resumes_with_exactly_the_planned_trials(disk, tmp
     assert all(r.info.status == "FINISHED" for r in runs)
     board = (tmp_path / "flexkd-runs" / "sweeps" / "resume-leaderboard.csv").read_text().splitlines()
     assert len(board) == 1 + 4
+    assert all(r.data.tags[tracking.OUTCOME_TAG] == "completed" for r in runs)
 
 
 def test_a_failing_trial_is_recorded_as_failed_and_the_sweep_goes_on(
@@ -344,10 +406,11 @@ def test_a_failing_trial_is_recorded_as_failed_and_the_sweep_goes_on(
     spec, raw = load_sweep(str(path))
     summary = run_sweep(spec, raw, quiet=True)
     by_status = {r["status"]: r for r in summary["leaderboard"]}
-    assert set(by_status) == {"FINISHED", "FAILED"}
-    assert summary["best"]["trial_id"] == by_status["FINISHED"]["trial_id"]
+    assert set(by_status) == {"completed", "failed"}
+    assert summary["best"]["trial_id"] == by_status["completed"]["trial_id"]
     client = tracking.client(tracking.tracking_uri())
-    failed = client.get_run(by_status["FAILED"]["run_id"])
+    failed = client.get_run(by_status["failed"]["run_id"])
+    assert failed.info.status == "FAILED" and failed.data.tags[tracking.OUTCOME_TAG] == "failed"
     assert "FloatingPointError" in failed.data.tags["flexkd.error"]
     assert "error.txt" in {a.path for a in client.list_artifacts(failed.info.run_id)}
     assert "registered" not in summary  # register_top=0

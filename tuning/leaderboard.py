@@ -6,77 +6,79 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 
 from flexkd import artifacts
-from tuning import tracking
+from flexkd.storage import Store
+from tuning import plots, tracking
 from tuning.space import SweepSpec
 
 if TYPE_CHECKING:
     from tuning.sweep import SweepContext
 
 
-def _stopped(record: str) -> set[str]:
-    path = Path(record)
-    return (
-        {json.loads(line)["trial_id"] for line in path.read_text().splitlines()} if path.exists() else set()
-    )
+def finish(context: SweepContext, grid, stopped_record: str, files: Store, quiet: bool = False) -> dict:
+    """Everything after the trials; ``files`` is where ``<sweep>-leaderboard.csv`` and ``<sweep>-best.yaml``
+    go (the sweep's storage). Returns the summary (leaderboard rows, best trial, registered versions, files)."""
+    from tuning.sweep import NUMBER_KEY, close_stopped, stopped_trials
 
-
-def finish(context: SweepContext, grid, stopped_record: str, home: Path, quiet: bool = False) -> dict:
-    """Everything after the trials; ``home`` is the local folder that gets ``<sweep>-leaderboard.csv`` and
-    ``<sweep>-best.yaml``. Returns the summary (leaderboard rows, best trial, registered versions, files)."""
     spec, uri = context.spec, context.uri
+    metric = spec.objective.metric
     c = tracking.client(uri)
-    stopped = _stopped(stopped_record)
-    errors = {r.metrics.get("trial_id") if r.metrics else None: r.error for r in grid if r.error}
-    metric_key = f"final/{spec.objective.metric}"
-    known = {Path(r.path).name.removeprefix("trial-") for r in grid}
-    rows = []
+    stopped = stopped_trials(stopped_record)
+    results = {Path(r.path).name.removeprefix("trial-"): r for r in grid}
+    rows, records = [], []
     for run in tracking.children(uri, context.parent_id, context.experiment_id):
         trial_id = run.data.tags.get(tracking.TRIAL_TAG)
-        if trial_id not in known:
+        if trial_id not in results:
             # Started by a driver that died before Tune saved its state: Tune ran that trial again under a
             # new id, so this half-written run goes (one run per trial in MLflow, never two).
             c.delete_run(run.info.run_id)
             continue
-        status = run.info.status
-        if trial_id in stopped and status != "FINISHED":
-            # ASHA ended the trial's process; whatever that process managed to record on its way out (an
-            # error from its Train run being torn down, say) is a consequence, not a failure.
-            c.set_tag(run.info.run_id, tracking.EARLY_STOPPED_TAG, "true")
-            if "flexkd.error" in run.data.tags:
-                c.delete_tag(run.info.run_id, "flexkd.error")
-            c.set_terminated(run.info.run_id, "KILLED")
-            status = "KILLED"
-        elif status == "RUNNING":
+        if trial_id in stopped:
+            close_stopped(context, stopped_record, trial_id)  # idempotent; the callback did it as it happened
+        elif run.info.status == "RUNNING":
             # The trial's process ended without closing its run and nobody stopped it: it died.
-            error = str(errors.get(trial_id) or "the trial ended without finishing")
-            tracking.fail_child(uri, run.info.run_id, error)
-            status = "FAILED"
+            result = results[trial_id]
+            tracking.fail_child(
+                uri, run.info.run_id, str(result.error or "the trial ended without finishing")
+            )
         run = c.get_run(run.info.run_id)
+        outcome = run.data.tags.get(
+            tracking.OUTCOME_TAG, "completed" if run.info.status == "FINISHED" else "failed"
+        )
+        config = results[trial_id].config or {}
+        number = int(run.data.tags.get(tracking.NUMBER_TAG, config.get(NUMBER_KEY, -1)))
+        sampled = {k: v for k, v in config.items() if k != NUMBER_KEY}
+        history = [(m.step, m.value) for m in c.get_metric_history(run.info.run_id, metric)]
+        value = run.data.metrics.get(metric)
         rows.append(
             {
+                "trial": number,
                 "trial_id": trial_id,
                 "run_id": run.info.run_id,
-                "status": status,
-                "early_stopped": status == "KILLED",
-                spec.objective.metric: run.data.metrics.get(
-                    metric_key, run.data.metrics.get(spec.objective.metric)
+                "method": run.data.tags.get(tracking.METHOD_TAG, ""),
+                "status": outcome,
+                "early_stopped": outcome == "stopped_early",
+                metric: value,
+                "steps": max((s for s, _ in history), default=0),
+                "seconds": round(
+                    ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000, 1
                 ),
-                **{k.removeprefix("sweep."): v for k, v in run.data.params.items() if k.startswith("sweep.")},
+                **sampled,
             }
         )
+        state = {"completed": "finished", "stopped_early": "stopped"}.get(outcome, "failed")
+        records.append(plots.TrialRecord(number, trial_id, state, value, sampled, sorted(history)))
     sign = -1 if spec.objective.mode == "max" else 1
-    finished = [r for r in rows if r["status"] == "FINISHED" and r[spec.objective.metric] is not None]
-    finished.sort(key=lambda r: sign * r[spec.objective.metric])
-    rows.sort(key=lambda r: (r["status"] != "FINISHED", sign * (r[spec.objective.metric] or 0)))
-    files = {"leaderboard.csv": _csv(rows)}
+    finished = [r for r in rows if r["status"] == "completed" and r[metric] is not None]
+    finished.sort(key=lambda r: sign * r[metric])
+    order = {"completed": 0, "stopped_early": 1}
+    rows.sort(key=lambda r: (order.get(r["status"], 2), sign * (r[metric] if r[metric] is not None else 0)))
+    artifacts_ = {"leaderboard.csv": _csv(rows)}
     summary = {
         "leaderboard": rows,
         "parent_run_id": context.parent_id,
@@ -84,34 +86,71 @@ def finish(context: SweepContext, grid, stopped_record: str, home: Path, quiet: 
     }
     if finished:
         best = finished[0]
-        best_cfg = _best_config(c, best["run_id"], spec.name)
-        files["best.yaml"] = best_cfg
+        artifacts_["best.yaml"] = _best_config(c, best["run_id"], spec.name)
         summary["best"] = best
-        tracking.log_metrics(
-            uri, context.parent_id, {f"best/{spec.objective.metric}": best[spec.objective.metric]}, 0
-        )
+        tracking.log_metrics(uri, context.parent_id, {f"best/{metric}": best[metric]}, 0)
         c.set_tag(context.parent_id, "flexkd.best_run_id", best["run_id"])
-    for name, text in files.items():
+    for name, text in artifacts_.items():
         c.log_text(context.parent_id, text, name)
-    _log_plots(c, context, rows)
-    logged = [
-        r["run_id"]
-        for r in finished
-        if c.get_run(r["run_id"]).data.tags.get("flexkd.student_logged") == "true"
-    ]
+    for name, content in plots.draw(records, _distributions(spec), metric, spec.objective.mode).items():
+        _log_bytes(c, context.parent_id, name, content)
+    logged = [r for r in finished if c.get_run(r["run_id"]).data.tags.get(tracking.STUDENT_URI_TAG)]
     top = logged[: spec.tracking.register_top]
     if top:
         name = spec.tracking.register_as or f"flexkd-{spec.name}"
-        summary["registered"] = {"name": name, "versions": tracking.register(uri, name, top)}
+        summary["registered"] = tracking.register(
+            uri, name, top, metric, spec.objective.mode, c.get_run(context.parent_id).info.run_name
+        )
+    board_name, best_name = f"{spec.name}-leaderboard.csv", f"{spec.name}-best.yaml"
+    files.write(artifacts_["leaderboard.csv"].encode(), board_name)
+    if "best.yaml" in artifacts_:
+        files.write(artifacts_["best.yaml"].encode(), best_name)
+    summary["files"] = {"leaderboard": files.path(board_name), "best": files.path(best_name)}
+    c.set_tag(context.parent_id, tracking.NOTE_TAG, description(summary, spec))
     c.set_terminated(context.parent_id, "FINISHED")
-    out = home / f"{spec.name}-leaderboard.csv"
-    out.write_text(files["leaderboard.csv"])
-    if "best.yaml" in files:
-        (home / f"{spec.name}-best.yaml").write_text(files["best.yaml"])
-    summary["files"] = {"leaderboard": str(out), "best": str(home / f"{spec.name}-best.yaml")}
     if not quiet:
         print_summary(summary, spec, uri)
     return summary
+
+
+def _log_bytes(c, run_id: str, name: str, content: bytes | str) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, Path(name).name)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        c.log_artifact(run_id, str(path), str(Path(name).parent) if "/" in name else None)
+
+
+def description(summary: dict, spec: SweepSpec, top: int = 10) -> str:
+    """The parent run's Description (markdown): what won, how the trials ended, the leaderboard's head."""
+    metric = spec.objective.metric
+    rows = summary["leaderboard"]
+    count = {k: sum(r["status"] == k for r in rows) for k in ("completed", "stopped_early", "failed")}
+    lines = [
+        f"**Sweep {spec.name}**: {len(rows)} trials ({count['completed']} completed, "
+        f"{count['stopped_early']} stopped early by {spec.scheduler.name}, {count['failed']} failed); "
+        f"objective {spec.objective.mode} `{metric}`.",
+        "",
+    ]
+    if "best" in summary:
+        best = summary["best"]
+        lines.append(
+            f"Best: trial {best['trial']} ({best['method']}), {metric} **{best[metric]:.4f}**; "
+            f"rerun with `flexkd train {summary['files']['best']}`."
+        )
+    if "registered" in summary:
+        reg = summary["registered"]
+        lines.append(f"Registered: `{reg['name']}` versions {', '.join(reg['versions'])}; {reg['note']}")
+    lines += ["", f"| # | trial | method | status | {metric} | steps | s |", "|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows[:top], 1):
+        value = f"{r[metric]:.4f}" if isinstance(r[metric], float) else "-"
+        lines.append(
+            f"| {i} | {r['trial']} | {r['method']} | {r['status'].replace('_', ' ')} | {value} | {r['steps']} | {r['seconds']} |"
+        )
+    if len(rows) > top:
+        lines.append(f"\n{len(rows) - top} more in `leaderboard.csv`.")
+    return "\n".join(lines)
 
 
 def _best_config(c, run_id: str, sweep_name: str) -> str:
@@ -141,57 +180,6 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _log_plots(c, context: SweepContext, rows: list[dict]) -> None:
-    """Optuna's importance, history and parallel-coordinate plots (matplotlib PNGs) on the parent run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import optuna
-    from optuna.visualization import matplotlib as plots
-
-    spec = context.spec
-    study = optuna.create_study(direction="maximize" if spec.objective.mode == "max" else "minimize")
-    dists = _distributions(spec)
-    for row in rows:
-        value = row[spec.objective.metric]
-        if row["status"] != "FINISHED" or value is None:
-            continue
-        params = {}
-        for name, dist in dists.items():
-            if name in row and row[name] not in (None, ""):
-                raw = row[name]
-                params[name] = (
-                    raw if isinstance(dist, optuna.distributions.CategoricalDistribution) else float(raw)
-                )
-                if isinstance(dist, optuna.distributions.IntDistribution):
-                    params[name] = int(float(raw))
-                if isinstance(dist, optuna.distributions.CategoricalDistribution):
-                    params[name] = next((ch for ch in dist.choices if str(ch) == str(raw)), raw)
-        study.add_trial(
-            optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params}, value=value)
-        )
-    notes = []
-    for name, draw in (
-        ("param_importances.png", plots.plot_param_importances),
-        ("optimization_history.png", plots.plot_optimization_history),
-        ("parallel_coordinate.png", plots.plot_parallel_coordinate),
-    ):
-        try:
-            # optuna's matplotlib plots are 'experimental', and small studies warn: not the user's business
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                axes = draw(study)
-            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-            figure.set_size_inches(10, 6)
-            figure.tight_layout()
-            c.log_figure(context.parent_id, figure, f"plots/{name}")
-            matplotlib.pyplot.close(figure)
-        except Exception as err:  # optuna refuses some plots (e.g. importances of fewer than 2 trials)
-            notes.append(f"{name}: not drawn ({type(err).__name__}: {err})")
-    if notes:
-        c.log_text(context.parent_id, "\n".join(notes) + "\n", "plots/NOTES.txt")
-
-
 def _distributions(spec: SweepSpec) -> dict:
     import optuna.distributions as d
 
@@ -210,27 +198,37 @@ def print_summary(summary: dict, spec: SweepSpec, uri: str) -> None:
     """The leaderboard (best first), where the best config went, the registered champion, the UI command."""
     metric = spec.objective.metric
     names = [p.name for p in spec.params]
-    table = [["#", "trial", "status", metric, "parameters"]]
+    table = [["#", "trial", "method", "status", metric, "parameters"]]
     for i, r in enumerate(summary["leaderboard"], 1):
-        status = "stopped early" if r["early_stopped"] else r["status"].lower()
         value = r[metric]
         params = " ".join(f"{n}={_short(r[n])}" for n in names if r.get(n) not in (None, ""))
         table.append(
-            [str(i), r["trial_id"], status, f"{value:.4f}" if isinstance(value, float) else "-", params]
+            [
+                str(i),
+                f"{r['trial']} ({r['trial_id']})",
+                r["method"],
+                r["status"].replace("_", " "),
+                f"{value:.4f}" if isinstance(value, float) else "-",
+                params,
+            ]
         )
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
     print()
     for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5])
     print()
     if "best" in summary:
         best = summary["best"]
-        print(f"best trial: {best['trial_id']} ({metric} {best[metric]:.4f}), MLflow run {best['run_id']}")
-        print(f"best config: {summary['files']['best']}  (rerun: flexkd train {summary['files']['best']})")
+        print(f"best trial: {best['trial']} ({metric} {best[metric]:.4f}), MLflow run {best['run_id']}")
+        where = summary["files"]["best"]
+        rerun = f"flexkd train {where}" if "://" not in where else "download it, then flexkd train FILE"
+        print(f"best config: {where}  (rerun: {rerun})")
     if "registered" in summary:
         reg = summary["registered"]
-        versions = ", ".join(str(v) for v in reg["versions"])
-        print(f"registered: models:/{reg['name']}@{tracking.CHAMPION} (versions {versions})")
+        print(f"registered: {reg['name']} versions {', '.join(reg['versions'])}; {reg['note']}")
+        print(
+            f"  load it: models:/{reg['name']}@{tracking.CHAMPION} or models:/{reg['name']}@{reg['sweep_alias']}"
+        )
     print(f"MLflow UI: {tracking.ui_command(uri)}")
 
 

@@ -92,6 +92,14 @@ def build_request(
             f"MLFLOW_TRACKING_URI: {uri or 'not set'}; a cluster job records to a tracking server that every node "
             f"reaches (see cluster/README.md): set it or pass --tracking-uri"
         )
+    if not spec.storage_path:
+        # The job's working directory is a temporary copy on the head node: best.yaml, the leaderboard and
+        # the --resume pointer written there are gone with the job.
+        raise ConfigError(
+            "storage_path: a cluster sweep keeps its state, best config and leaderboard in a folder every "
+            "node shares (e.g. storage_path=/mnt/flexkd/ray, see cluster/README.md); the job's working "
+            "directory is temporary"
+        )
     root = Path(working_dir).resolve() if working_dir else project_root()
     if sweep in sweep_names() and not Path(sweep).exists():
         sweep_arg = sweep
@@ -103,6 +111,11 @@ def build_request(
             )
         sweep_arg = str(path.relative_to(root))
     env_vars = {"MLFLOW_TRACKING_URI": uri}
+    from tuning.tracking import git_revision
+
+    commit, dirty = git_revision()  # the job's working directory is an upload without .git: say it here
+    if commit:
+        env_vars["FLEXKD_GIT_COMMIT"] = commit + ("+dirty" if dirty else "")
     for item in env:
         name, _, value = item.partition("=")
         if not value:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from tuning.space import DefineByRun, SweepSpec, check_space_files, describe, tr
 
 log = logging.getLogger("flexkd")
 
+NUMBER_KEY = "__flexkd_trial_number"  # rides in a trial's config from the searcher to the trial
+
 
 @dataclass
 class SweepContext:
@@ -46,6 +49,7 @@ class SweepContext:
     parent_id: str
     trials_root: str  # local folder of trial outputs
     storage: str  # Tune/Train storage (absolute path or URI)
+    source: dict  # MLflow's source tags (command, user, git commit) for every child
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -72,33 +76,75 @@ class TuneSink:
         pass
 
 
+# The child run's params: the sampled values, and the keys that say what a run is. The whole resolved config
+# (full-precision values included) is the run's config.yaml artifact; 150 params would bury the ones that matter.
+SHOWN_KEYS = (
+    "data.source",
+    "teacher.path",
+    "student.path",
+    "student.arch",
+    "train.steps",
+    "train.batch_size",
+    "optim.lr",
+    "run.seed",
+)
+FEATURE_KEYS = ("feature.loss", "feature.weight", "feature.layers")
+SELECTION_KEYS = ("selection.k", "selection.strategy", "scoring.method", "scoring.batch_size")
+KD_KEYS = ("kd.loss", "kd.weight", "kd.temperature")
+
+
+def shown_params(cfg, sampled: dict) -> dict:
+    from flexkd.config import uses_features, uses_selection
+
+    flat = flatten(to_dict(cfg))
+    keys = [*SHOWN_KEYS]
+    keys += FEATURE_KEYS if uses_features(cfg) else ()
+    keys += SELECTION_KEYS if uses_selection(cfg) else ()
+    keys += KD_KEYS if cfg.kd.loss != "none" and cfg.kd.weight > 0 else ()
+    params = {k: flat[k] for k in keys if k in flat and flat[k] not in ("", None, {})}
+    return {**params, **sampled}
+
+
+def trial_number(sampled: dict) -> int:
+    return int(sampled.get(NUMBER_KEY, -1))
+
+
 def trial_main(sampled: dict, context: SweepContext) -> None:
     """One trial: its config and plan, its MLflow child run, a TorchTrainer, then final metrics and artifacts."""
     import ray
     from ray import tune
 
     from flexkd.checks import preflight
+    from flexkd.config import method_name
     from tuning.ray_train import run_trainer, score_cache_root
 
     entered = time.perf_counter()
     timing = {"perf/trial/process_start_s": _process_start_cost()}
     spec = context.spec
+    number = trial_number(sampled)
+    sampled = {k: v for k, v in sampled.items() if k != NUMBER_KEY}
     trial_id = tune.get_context().get_trial_id()
     out = Path(context.trials_root, trial_id)
     cfg = trial_config(spec, sampled, run_name=f"{spec.name}-{trial_id}")
     cfg.run.output_dir = str(out)
     plan = preflight(cfg)  # this trial's own values: every one was checked on the driver, this is its plan
     signals.attach(cfg, plan)  # the driver built the signals of every value of the space
-    params = {**flatten(to_dict(cfg)), **{f"sweep.{k}": v for k, v in sampled.items()}}
+    method = method_name(cfg)
     run_id = tracking.start_child(
         context.uri,
         context.experiment_id,
         context.parent_id,
         trial_id,
-        tune.get_context().get_trial_name(),
-        params,
-        # Where the trial ran: the node (the machine, on a cluster) and its host name.
-        tags={"flexkd.node_id": ray.get_runtime_context().get_node_id(), "flexkd.host": socket.gethostname()},
+        f"{method}-{number:03d}" if number >= 0 else f"{method}-{trial_id}",
+        shown_params(cfg, sampled),
+        tags={
+            tracking.METHOD_TAG: method,
+            tracking.NUMBER_TAG: str(number),
+            # Where the trial ran: the node (the machine, on a cluster) and its host name.
+            "flexkd.node_id": ray.get_runtime_context().get_node_id(),
+            "flexkd.host": socket.gethostname(),
+            **context.source,
+        },
     )
     timing["perf/trial/mlflow_open_s"] = time.perf_counter() - entered
     try:
@@ -120,7 +166,6 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
         metrics = recorder.finish()
         timing["perf/trial/fit_s"] = time.perf_counter() - started
         timing["perf/trial/mlflow_steps_s"] = mlflow_sink.seconds
-        metrics.update(timing)
         value = metrics.get(spec.objective.metric)
         keep = value is not None and tracking.should_log_student(
             context.uri,
@@ -132,13 +177,14 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
             spec.tracking.register_top,
         )
         closing = time.perf_counter()
-        tracking.finish_child(context.uri, run_id, out, metrics, log_student=keep)
-        done = time.perf_counter()
-        tracking.log_metrics(
+        timing["perf/trial/in_trial_s"] = closing - entered
+        tracking.finish_child(
             context.uri,
             run_id,
-            {"perf/trial/mlflow_close_s": done - closing, "perf/trial/in_trial_s": done - entered},
-            0,
+            out,
+            {**metrics, **timing},
+            student=cfg.data.task if keep else "",
+            examples=mlflow_sink.examples,
         )
     except Exception:
         tracking.fail_child(context.uri, run_id, traceback.format_exc())
@@ -164,20 +210,50 @@ def _process_start_cost() -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The scheduler, recording what it stops
+# The search, the scheduler and the driver's view of them
+
+
+def numbered_search(spec: SweepSpec):
+    """Optuna through Tune, each trial's config carrying Optuna's trial number: the order of the search,
+    kept across ``--resume`` (the searcher's state is saved with the experiment). Run names and the plots
+    use it, so trial 7 in the UI is trial 7 of the study."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    class NumberedOptunaSearch(OptunaSearch):
+        def suggest(self, trial_id):
+            config = super().suggest(trial_id)
+            if isinstance(config, dict) and trial_id in self._ot_trials:
+                config = {**config, NUMBER_KEY: self._ot_trials[trial_id].number}
+            return config
+
+    return NumberedOptunaSearch(
+        DefineByRun(spec.params),
+        metric=spec.objective.metric,
+        mode=spec.objective.mode,
+        seed=spec.seed,
+        points_to_evaluate=[dict(p) for p in spec.start_points] or None,
+    )
 
 
 def early_stop_scheduler(spec: SweepSpec, record: str):
     from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
     class RecordingASHA(AsyncHyperBandScheduler):
-        """ASHA that notes each trial it stops, so the sweep can tag that trial's MLflow run."""
+        """ASHA that notes each trial it stops (when, at which step, its value), so the sweep can close that
+        trial's MLflow run at that moment and say why."""
 
         def on_trial_result(self, tune_controller, trial, result):
             decision = super().on_trial_result(tune_controller, trial, result)
             if decision == TrialScheduler.STOP:
+                value = result.get(spec.objective.metric)
                 with open(record, "a") as f:
-                    f.write(json.dumps({"trial_id": trial.trial_id, "step": result.get("step")}) + "\n")
+                    entry = {
+                        "trial_id": trial.trial_id,
+                        "step": result.get("step"),
+                        "time_ms": int(time.time() * 1000),
+                        "value": value if isinstance(value, (int, float)) else None,
+                    }
+                    f.write(json.dumps(entry) + "\n")
             return decision
 
     # max_t above any number of evaluations: ASHA also stops trials that reach max_t, and a trial stopped
@@ -192,6 +268,98 @@ def early_stop_scheduler(spec: SweepSpec, record: str):
     )
 
 
+def stopped_trials(record: str) -> dict[str, dict]:
+    """trial id -> what the scheduler noted when it stopped it (step, time_ms, value)."""
+    path = Path(record)
+    if not path.exists():
+        return {}
+    return {e["trial_id"]: e for e in map(json.loads, path.read_text().splitlines()) if e}
+
+
+def close_stopped(context: SweepContext, record: str, trial_id: str) -> bool:
+    """Close a stopped trial's run with the time it was stopped; False when it was not stopped."""
+    entry = stopped_trials(record).get(trial_id)
+    if entry is None:
+        return False
+    found = tracking.client(context.uri).search_runs(
+        [context.experiment_id],
+        filter_string=f"tags.`{tracking.PARENT_TAG}` = '{context.parent_id}' and tags.`{tracking.TRIAL_TAG}` = '{trial_id}'",
+    )
+    for run in found:
+        tracking.stop_child(
+            context.uri,
+            run.info.run_id,
+            entry.get("time_ms", 0),
+            entry.get("step"),
+            context.spec.objective.metric,
+            entry.get("value"),
+        )
+    return bool(found)
+
+
+def sweep_callbacks(context: SweepContext, record: str, quiet: bool) -> list:
+    from ray.tune import Callback
+
+    spec = context.spec
+    sign = 1 if spec.objective.mode == "max" else -1
+
+    class SweepProgress(Callback):
+        """The driver's own view: one line per change (trials done / running / stopped, best so far, ETA), in
+        place of Tune's tables; and a stopped trial's run closed the moment it is stopped."""
+
+        def __init__(self):
+            self.started = time.time()
+            self.best: tuple[float, str] | None = None
+            self.done: dict[str, str] = {}
+            self.last = ""
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            value = result.get(spec.objective.metric)
+            if isinstance(value, (int, float)) and (self.best is None or sign * value > sign * self.best[0]):
+                self.best = (float(value), trial.trial_id)
+                self.show(trials)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.show(trials)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            stopped = close_stopped(context, record, trial.trial_id)
+            self.done[trial.trial_id] = "stopped" if stopped else "completed"
+            self.show(trials)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done[trial.trial_id] = "failed"
+            self.show(trials)
+
+        def show(self, trials) -> None:
+            if quiet:
+                return
+            states = list(self.done.values())
+            running = sum(t.status == "RUNNING" for t in trials)
+            finished = len(states)
+            elapsed = time.time() - self.started
+            parts = [
+                f"sweep {spec.name}: {finished}/{spec.trials} trials done "
+                f"({states.count('completed')} completed, {states.count('stopped')} stopped early, "
+                f"{states.count('failed')} failed), {running} running"
+            ]
+            if self.best:
+                parts.append(f"best {spec.objective.metric} {self.best[0]:.4g} ({self.best[1]})")
+            eta = f"eta {_clock(elapsed / finished * (spec.trials - finished))}" if finished else "eta -"
+            parts.append(f"{_clock(elapsed)} elapsed, {eta}")
+            line = " | ".join(parts)
+            if line.split(" | ")[:2] != self.last.split(" | ")[:2]:  # a change, not just the clock
+                print(line, file=sys.stderr, flush=True)
+            self.last = line
+
+    return [SweepProgress()]
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The driver
 
@@ -201,7 +369,12 @@ def trial_dirname(trial) -> str:
     return f"trial-{trial.trial_id}"
 
 
-def sweep_home() -> Path:
+def sweep_home(spec: SweepSpec | None = None) -> Path:
+    """Where a sweep keeps its files (leaderboard, best config, resume pointer, trial outputs): its
+    ``storage_path`` when that is a folder (on a cluster: the shared one, which outlives the job and its
+    temporary working directory), else ``./flexkd-runs/sweeps``."""
+    if spec is not None and spec.storage_path and "://" not in spec.storage_path:
+        return Path(spec.storage_path)
     return tracking.default_root() / "sweeps"
 
 
@@ -209,19 +382,28 @@ def run_sweep(
     spec: SweepSpec, raw: dict, *, resume: bool = False, quiet: bool = False, num_cpus: int | None = None
 ) -> dict:
     """Run (or continue) a sweep; returns a summary with the leaderboard and the best trial."""
+    from flexkd.storage import Store
+
     # --- everything that can fail fast, before Ray ----------------------------------------------------
     uri = tracking.tracking_uri()
     tracking.check_store(uri)
     check_space_files(spec)
-    ensure_teacher(from_dict(spec.base_config), quiet=quiet)
-    storage = spec.storage_path or str(sweep_home())
-    pointer = sweep_home() / f"{spec.name}.latest.json"
-    if resume:
-        if not pointer.exists():
-            from flexkd.config import ConfigError
+    home = sweep_home(spec)
+    storage = spec.storage_path or str(home)
+    files = Store(
+        spec.storage_path or str(home)
+    )  # the pointer, leaderboard and best config: beside Tune's state
+    pointer = f"{spec.name}.latest.json"
+    if resume and not files.exists(pointer):
+        from flexkd.config import ConfigError
 
-            raise ConfigError(f"--resume: no earlier sweep named {spec.name!r} ({pointer} is missing)")
-        state = json.loads(pointer.read_text())
+        raise ConfigError(
+            f"--resume: no earlier sweep named {spec.name!r} ({files.path(pointer)} is missing)"
+        )
+    ensure_teacher(from_dict(spec.base_config), quiet=quiet)
+    source = tracking.source_tags(f"flexkd sweep {spec.name}")
+    if resume:
+        state = json.loads(files.read(pointer))
     else:
         experiment_id = tracking.ensure_experiment(uri, spec.tracking.experiment or f"flexkd-{spec.name}")
         exp_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -246,6 +428,7 @@ def run_sweep(
                     json.loads(json.dumps(spec, default=vars)), sort_keys=False
                 ),
             },
+            tags={**source, tracking.NOTE_TAG: f"Sweep {spec.name}: running ({spec.trials} trials planned)."},
         )
         state = {
             "experiment_path": f"{storage}/{exp_name}",
@@ -254,28 +437,36 @@ def run_sweep(
             "parent_id": parent_id,
             "uri": uri,
         }
-        pointer.parent.mkdir(parents=True, exist_ok=True)
-        pointer.write_text(json.dumps(state, indent=1))
+        files.write(json.dumps(state, indent=1).encode(), pointer)
     context = SweepContext(
         spec,
         uri,
         state["experiment_id"],
         state["parent_id"],
-        str(sweep_home() / state["exp_name"]),
+        # Trial outputs beside Tune's trial folders (a URI storage keeps them on the trial's node instead).
+        str((home if files.local else sweep_home()) / state["exp_name"]),
         storage,
+        source,
     )
     _ = spec.resolved_base  # worked out here, on the driver, before the spec is pickled to the trials
-    stopped_record = str(sweep_home() / f"{state['exp_name']}.early_stopped.jsonl")
+    stopped_record = str(Path(context.trials_root).parent / f"{state['exp_name']}.early_stopped.jsonl")
+    Path(stopped_record).parent.mkdir(parents=True, exist_ok=True)
 
     # --- Ray Tune ------------------------------------------------------------------------------------------
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
-    from tuning.session import start_ray
+    from tuning.session import QUIET_ENV, start_ray
 
+    for key, value in QUIET_ENV.items():  # this driver too: no artifact download bars in the job log
+        os.environ.setdefault(key, value)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory", per plot
     # Tune saves the experiment's state (trials, the Optuna sampler) at most this often; a driver killed
     # between two saves forgets the trials started since, so save often (the state is small).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # The driver prints its own progress line (SweepProgress); Tune's tables and boxes would bury it.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     start_ray(num_cpus=num_cpus, quiet=quiet)
     # The teacher's outputs and scores, once for the whole sweep, before the first trial.
     from tuning.signals import build_for_sweep
@@ -294,25 +485,20 @@ def run_sweep(
         resources["gpu"] = spec.resources.gpus_per_trial
     trainable = tune.with_resources(tune.with_parameters(trial_main, context=context), resources)
     started = time.perf_counter()
+    callbacks = sweep_callbacks(context, stopped_record, quiet)
     if resume and tune.Tuner.can_restore(state["experiment_path"]):
         log.info("resuming sweep %s from %s", spec.name, state["experiment_path"])
         tracking.client(uri).update_run(state["parent_id"], status="RUNNING")
         tuner = tune.Tuner.restore(
             state["experiment_path"], trainable, resume_unfinished=True, resume_errored=False
         )
+        tuner._local_tuner._run_config.callbacks = callbacks  # Tuner.restore takes no run_config
     else:
-        searcher = OptunaSearch(
-            DefineByRun(spec.params),
-            metric=spec.objective.metric,
-            mode=spec.objective.mode,
-            seed=spec.seed,
-            points_to_evaluate=[dict(p) for p in spec.start_points] or None,
-        )
         scheduler = early_stop_scheduler(spec, stopped_record) if spec.scheduler.name == "asha" else None
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=searcher,
+                search_alg=numbered_search(spec),
                 scheduler=scheduler,
                 num_samples=spec.trials,
                 max_concurrent_trials=spec.concurrency,
@@ -322,9 +508,14 @@ def run_sweep(
                 reuse_actors=scheduler is None,
             ),
             run_config=tune.RunConfig(
-                name=state["exp_name"], storage_path=storage, verbose=0 if quiet else 1
+                name=state["exp_name"], storage_path=storage, verbose=0, callbacks=callbacks
             ),
+        )
+    if not quiet:
+        print(
+            f"sweep {spec.name}: {spec.trials} trials, {spec.concurrency} at a time; progress below",
+            file=sys.stderr,
         )
     grid = tuner.fit()
     log.info("sweep %s: %d trials in %.0fs", spec.name, len(grid), time.perf_counter() - started)
-    return finish(context, grid, stopped_record, sweep_home(), quiet=quiet)
+    return finish(context, grid, stopped_record, files, quiet=quiet)

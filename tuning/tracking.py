@@ -31,6 +31,11 @@ PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "flexkd.trial_id"
 SWEEP_TAG = "flexkd.sweep"
 EARLY_STOPPED_TAG = "flexkd.early_stopped"
+OUTCOME_TAG = "flexkd.outcome"  # running | completed | stopped_early | failed: what the runs table filters on
+METHOD_TAG = "flexkd.method"
+NUMBER_TAG = "flexkd.trial_number"  # the search's order: Optuna's trial number
+NOTE_TAG = "mlflow.note.content"  # the run's Description in the UI
+STUDENT_URI_TAG = "flexkd.student_model"
 STUDENT_ARTIFACT = "student"
 CHAMPION = "champion"
 
@@ -113,47 +118,68 @@ def versions() -> dict[str, str]:
     return out
 
 
-def git_revision() -> str:
+def git_revision() -> tuple[str, bool]:
+    """(commit, dirty) of the checkout this code runs from; ``FLEXKD_GIT_COMMIT`` where there is no checkout
+    (`flexkd submit` sets it: the job's working directory is an uploaded copy without ``.git``)."""
+    if os.environ.get("FLEXKD_GIT_COMMIT"):
+        commit = os.environ["FLEXKD_GIT_COMMIT"]
+        return commit.removesuffix("+dirty"), commit.endswith("+dirty")
+    here = Path(__file__).parent
     try:
         rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).parent,
-        )
-        return (
-            rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-            if rev.returncode == 0
-            else "unknown"
+            ["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5, cwd=here
         )
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return "", False
+    return (rev.stdout.strip(), bool(dirty.stdout.strip())) if rev.returncode == 0 else ("", False)
 
 
-def start_parent(uri: str, experiment_id: str, sweep_name: str, params: dict, files: dict[str, str]) -> str:
+def source_tags(command: str) -> dict[str, str]:
+    """MLflow's own source tags (the UI's Source column and tab): the command, the user, the git commit."""
+    import getpass
+
+    commit, dirty = git_revision()
+    tags = {
+        "mlflow.source.name": command,
+        "mlflow.source.type": "JOB"
+        if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS")
+        else "LOCAL",
+        "mlflow.user": os.environ.get("USER") or getpass.getuser(),
+    }
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["flexkd.git_dirty"] = str(dirty).lower()
+    return tags
+
+
+def start_parent(
+    uri: str, experiment_id: str, sweep_name: str, params: dict, files: dict[str, str], tags: dict
+) -> str:
     """The sweep's parent run; ``files`` are text artifacts (name -> content)."""
     c = client(uri)
-    run = c.create_run(
-        experiment_id,
-        run_name=sweep_name,
-        tags={SWEEP_TAG: sweep_name, "git.revision": git_revision(), **versions()},
-    )
+    run = c.create_run(experiment_id, run_name=sweep_name, tags={SWEEP_TAG: sweep_name, **tags, **versions()})
     log_params(uri, run.info.run_id, params)
     for name, text in files.items():
         c.log_text(run.info.run_id, text, name)
     return run.info.run_id
 
 
+def shown(value: Any) -> str:
+    """A param as the runs table shows it: floats to 4 significant digits (the config artifact keeps them whole)."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    items = [
-        Param(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in sorted(params.items())
-    ]
+    items = [Param(k, shown(v)) for k, v in sorted(params.items())]
     c = client(uri)
     for i in range(0, len(items), 100):  # the store takes at most 100 params a call
         c.log_batch(run_id, params=items[i : i + 100])
@@ -187,14 +213,30 @@ def start_child(
     ):
         c.delete_run(old.info.run_id)
     run = c.create_run(
-        experiment_id, run_name=name, tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id, **(tags or {})}
+        experiment_id,
+        run_name=name,
+        tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id, OUTCOME_TAG: "running", **(tags or {})},
     )
     log_params(uri, run.info.run_id, params)
     return run.info.run_id
 
 
-def finish_child(uri: str, run_id: str, folder: str | Path, metrics: dict, log_student: bool) -> None:
-    """Final metrics and artifacts (selection.json, config.yaml, metrics.json; the student when asked)."""
+def one_off_tags(metrics: dict) -> dict[str, str]:
+    """Facts measured once (set-up and trial timings, split sizes) as tags: a one-point chart shows nothing."""
+    return {
+        f"flexkd.{k.replace('/', '.')}": shown(float(v))
+        for k, v in metrics.items()
+        if isinstance(v, (int, float))
+        and (k.startswith("perf/setup") or k.startswith("perf/trial/") or k in ("perf/loop_s",))
+    }
+
+
+def finish_child(
+    uri: str, run_id: str, folder: str | Path, metrics: dict, student: str = "", examples: list[str] = ()
+) -> None:
+    """Artifacts (selection.json, config.yaml, metrics.json; the student as an MLflow model when ``student``
+    names its task, with ``examples`` as its input example) and the one-off timings as tags; the run's metrics are its per-step history, whose last
+    values are the final ones (MLflow shows the value at the highest step), so nothing is logged twice."""
     from flexkd import artifacts
 
     c = client(uri)
@@ -202,19 +244,58 @@ def finish_child(uri: str, run_id: str, folder: str | Path, metrics: dict, log_s
         path = Path(folder, name)
         if path.exists():
             c.log_artifact(run_id, str(path))
-    if log_student:
-        c.log_artifacts(run_id, str(Path(folder, artifacts.STUDENT)), STUDENT_ARTIFACT)
-        c.set_tag(run_id, "flexkd.student_logged", "true")
-    numeric = {f"final/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    log_metrics(uri, run_id, numeric, step=int(metrics.get("step", 0)))
+    tags = {**one_off_tags(metrics), OUTCOME_TAG: "completed"}
+    if student:
+        from tuning.student_model import log_student
+
+        model_uri = log_student(
+            uri,
+            run_id,
+            Path(folder, artifacts.STUDENT),
+            student,
+            list(examples),
+            step=int(metrics.get("step", 0)),
+        )
+        tags.update({"flexkd.student_logged": "true", STUDENT_URI_TAG: model_uri})
+    set_tags(uri, run_id, tags)
     c.set_terminated(run_id, "FINISHED")
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    if tags:
+        client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def fail_child(uri: str, run_id: str, error: str, status: str = "FAILED") -> None:
     c = client(uri)
-    c.set_tag(run_id, "flexkd.error", error[-4000:])
+    if c.get_run(run_id).data.tags.get(OUTCOME_TAG) == "stopped_early":
+        return  # the scheduler stopped it; what its process recorded on the way out is a consequence
+    set_tags(uri, run_id, {"flexkd.error": error[-4000:], OUTCOME_TAG: "failed"})
     c.log_text(run_id, error, "error.txt")
     c.set_terminated(run_id, status)
+
+
+def stop_child(
+    uri: str, run_id: str, end_ms: int, step: int | None, metric: str, value: float | None
+) -> None:
+    """A trial the scheduler stopped: it ends when it was stopped (not when the sweep ends) and says why, in
+    a tag the runs table can show and filter on (``tags.flexkd.outcome = 'stopped_early'``). Its status is
+    FINISHED: stopping a weak trial is the search working, not a failure, and KILLED draws a red cross."""
+    c = client(uri)
+    run = c.get_run(run_id)
+    at = f" at step {step}" if step is not None else ""
+    last = f" ({metric} {value:.4g} at its last evaluation)" if isinstance(value, float) else ""
+    tags = {
+        OUTCOME_TAG: "stopped_early",
+        EARLY_STOPPED_TAG: "true",
+        NOTE_TAG: f"Stopped early by ASHA{at}{last}: weaker than the trials before it at the same step.",
+    }
+    set_tags(uri, run_id, tags)
+    if "flexkd.error" in run.data.tags:
+        c.delete_tag(run_id, "flexkd.error")
+    c.set_terminated(run_id, "FINISHED", end_time=max(end_ms, run.info.start_time))
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -226,44 +307,93 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
         client(uri).log_batch(run_id, metrics=items)
 
 
+def log_datasets(uri: str, run_id: str, datasets: list[dict]) -> None:
+    """The run's splits in MLflow's Datasets tab: name, where they came from, rows and a content digest.
+
+    ``datasets``: [{"context": "train" | "validation" | "test", "name", "source", "rows", "digest"}], from
+    the loop's ``datasets`` event.
+    """
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for d in datasets:
+        where = str(d["source"])
+        if where.startswith("demo"):
+            source = CodeDatasetSource(tags={"generator": "flexkd.demo", "source": where})
+        elif "://" in where:
+            source = HTTPDatasetSource(where)
+        else:
+            from mlflow.data.filesystem_dataset_source import LocalArtifactDatasetSource
+
+            source = LocalArtifactDatasetSource(str(Path(where).resolve()) if Path(where).exists() else where)
+        dataset = MetaDataset(source, name=d["name"], digest=d["digest"][:36])
+        tags = [InputTag("mlflow.data.context", d["context"]), InputTag("flexkd.rows", str(d["rows"]))]
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=tags))
+    if inputs:
+        client(uri).log_inputs(run_id, datasets=inputs)
+
+
 class MlflowSink:
-    """Recorder sink (flexkd.reporting.Sink): per-step metrics and events of one trial into its child run."""
+    """Recorder sink (flexkd.reporting.Sink): per-step metrics and events of one trial into its child run.
+
+    What changes step by step is a metric (a chart); what is measured once is a tag: events (``teacher_loads``,
+    ``scored_s``...), split sizes (``val/examples``), the datasets (MLflow's inputs).
+    """
 
     def __init__(self, uri: str, run_id: str):
         self.uri = uri
         self.run_id = run_id
         self.seconds = 0.0  # time spent logging (part of a trial's overhead)
+        self.tagged: set[str] = set()
+        self.examples: list[str] = []
 
     def report(self, metrics: dict, step: int, checkpoint) -> None:
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        self._log(numeric, step)
+        once = {k: numeric.pop(k) for k in list(numeric) if k.endswith("/examples")}
+        fresh = {f"flexkd.{k.replace('/', '.')}": shown(v) for k, v in once.items() if k not in self.tagged}
+        self.tagged.update(once)
+        start = time.perf_counter()
+        set_tags(self.uri, self.run_id, fresh)
+        log_metrics(self.uri, self.run_id, numeric, step)
+        self.seconds += time.perf_counter() - start
 
     def event(self, name: str, value: Any, step: int) -> None:
         if name == "checkpoint":
             return  # a path in the trial's storage: the run folder keeps it (events.jsonl), MLflow need not
-        if isinstance(value, (int, float)):
-            self._log({f"event/{name}": float(value)}, step)
-        else:
-            client(self.uri).set_tag(self.run_id, f"flexkd.{name}", str(value))
+        if name == "datasets":
+            log_datasets(self.uri, self.run_id, value)
+            return
+        if name == "examples":
+            self.examples = list(value)  # the input example of the student's MLflow model
+            return
+        text = (
+            shown(float(value))
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            else str(value)
+        )
+        set_tags(self.uri, self.run_id, {f"flexkd.{name}": text})
 
-    def _log(self, metrics: dict, step: int) -> None:
-        start = time.perf_counter()
-        log_metrics(self.uri, self.run_id, metrics, step)
-        self.seconds += time.perf_counter() - start
+
+def completed(run) -> bool:
+    """Did this child run train to its last step? (Stopped-early runs are FINISHED too, but not completed.)"""
+    return run.info.status == "FINISHED" and run.data.tags.get(OUTCOME_TAG, "completed") == "completed"
 
 
 def should_log_student(
     uri: str, experiment_id: str, parent_id: str, metric: str, mode: str, value: float, top: int
 ) -> bool:
-    """Is ``value`` among the best ``top`` of the finished trials so far? A trial in the final top N always
+    """Is ``value`` among the best ``top`` of the completed trials so far? A trial in the final top N always
     was when it finished, so logging students only then keeps every one the registry will need."""
     if top <= 0:
         return False
-    key = f"final/{metric}"
-    values = []
-    for run in children(uri, parent_id, experiment_id):
-        if run.info.status == "FINISHED" and key in run.data.metrics:
-            values.append(run.data.metrics[key])
+    values = [
+        run.data.metrics[metric]
+        for run in children(uri, parent_id, experiment_id)
+        if completed(run) and metric in run.data.metrics
+    ]
     better = [v for v in values if (v > value if mode == "max" else v < value)]
     return len(better) < top
 
@@ -272,47 +402,129 @@ def should_log_student(
 # Registry
 
 
-def register(uri: str, name: str, run_ids: list[str]) -> list[str]:
-    """Register the students of ``run_ids`` (best first) as versions of ``name``; alias 'champion' -> the best."""
-    c = client(uri)
+def alias_for(text: str) -> str:
+    """An MLflow alias from a sweep's run name (letters, digits, '-' and '_'; 'latest' and 'vN' are reserved)."""
+    import re
+
+    return "sweep-" + re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")[:200]
+
+
+def better(a: float, b: float, mode: str) -> bool:
+    return a > b if mode == "max" else a < b
+
+
+def register(uri: str, name: str, best: list[dict], metric: str, mode: str, sweep_run: str) -> dict:
+    """Register the students of ``best`` (leaderboard rows, best first) as versions of ``name``.
+
+    - Versions are created worst first, so the newest version ("latest" in the UI) is the sweep's best.
+    - Each version carries its objective (``objective`` = the metric, the metric itself = the value), method,
+      sweep and trial as tags, and says so in its description.
+    - ``sweep-<sweep run name>`` points at this sweep's best, whatever it is worth.
+    - ``champion`` moves only to a student that beats the current champion on the same objective (and is
+      set when there is none, or when the current one was measured on another objective: then the note says so).
+    - A run registered before (``--resume`` of a finished sweep) is never registered again: its version is reused.
+    """
     from mlflow.exceptions import MlflowException
 
+    from tuning.student_model import register_student
+
+    c = client(uri)
     try:
         c.get_registered_model(name)
     except MlflowException:
         c.create_registered_model(
-            name, description="Students distilled by flexkd; the alias 'champion' marks the best."
+            name,
+            description=(
+                "Students distilled by flexkd. Aliases: 'champion' = the best on its objective so far (moves "
+                "only when a sweep beats it); 'sweep-<run name>' = each sweep's best. Version tags: "
+                "objective, its value, method, sweep, trial."
+            ),
         )
-    versions_ = []
-    for run_id in run_ids:
-        mv = c.create_model_version(name, source=f"runs:/{run_id}/{STUDENT_ARTIFACT}", run_id=run_id)
-        versions_.append(mv.version)
-    if versions_:
-        c.set_registered_model_alias(name, CHAMPION, versions_[0])
-    return versions_
+    existing = {v.run_id: v for v in c.search_model_versions(f"name='{name}'")}
+    numbers = {}
+    for rank, row in reversed(list(enumerate(best, 1))):
+        if row["run_id"] in existing:
+            numbers[row["run_id"]] = str(existing[row["run_id"]].version)
+            continue
+        run = c.get_run(row["run_id"])
+        value = row[metric]
+        tags = {
+            "objective": metric,
+            metric: f"{value:.6g}",
+            "mode": mode,
+            "method": row.get("method", ""),
+            "sweep": sweep_run,
+            "trial": str(row.get("trial", "")),
+            "rank_in_sweep": str(rank),
+        }
+        mv = register_student(
+            uri,
+            name,
+            run.data.tags[STUDENT_URI_TAG],
+            tags=tags,
+            description=(
+                f"{row.get('method', '')} student, {metric} {value:.4f} (rank {rank} of sweep {sweep_run}, "
+                f"trial {row.get('trial', '')})"
+            ),
+        )
+        numbers[row["run_id"]] = str(mv.version)
+    top = best[0]
+    version = numbers[top["run_id"]]
+    sweep_alias = alias_for(sweep_run)
+    c.set_registered_model_alias(name, sweep_alias, version)
+    try:
+        current = c.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    if current is None:
+        move, note = True, f"champion -> version {version} (the first)"
+    elif str(current.version) == version:
+        move, note = False, f"champion stays version {version} (this sweep's best, already champion)"
+    elif current.tags.get("objective") != metric or metric not in current.tags:
+        move, note = (
+            True,
+            (
+                f"champion -> version {version}; the previous champion (version {current.version}) was measured on "
+                f"{current.tags.get('objective', 'an unknown objective')}, not {metric}"
+            ),
+        )
+    elif better(top[metric], float(current.tags[metric]), mode):
+        move, note = (
+            True,
+            (
+                f"champion -> version {version} ({metric} {top[metric]:.4f} beats version {current.version}'s "
+                f"{float(current.tags[metric]):.4f})"
+            ),
+        )
+    else:
+        move, note = (
+            False,
+            (
+                f"champion stays version {current.version} ({metric} {float(current.tags[metric]):.4f}; this sweep's "
+                f"best, version {version}, has {top[metric]:.4f})"
+            ),
+        )
+    if move:
+        c.set_registered_model_alias(name, CHAMPION, version)
+    versions_ = [numbers[r["run_id"]] for r in best]
+    return {
+        "name": name,
+        "versions": versions_,
+        "best": version,
+        "sweep_alias": sweep_alias,
+        "champion_moved": move,
+        "note": note,
+    }
 
 
-def load_registered(model_uri: str, task: str = "classification", uri: str | None = None):
-    """``models:/NAME@champion`` (or any artifact URI of a student folder) -> (model, tokenizer).
+def load_registered(model_uri: str, uri: str | None = None):
+    """``models:/NAME@champion`` (or ``models:/NAME/3``, ``runs:/<run>/student``) -> (model, tokenizer), the
+    transformers objects of a registered student.
 
-    uri: the tracking store (default: the one the sweeps use, ``tracking_uri()``).
+    uri: the tracking store (default: the one the sweeps use, ``tracking_uri()``: run it from the folder the
+    sweep ran in, or set ``MLFLOW_TRACKING_URI``). MLflow itself would resolve ``models:/`` through its global
+    registry URI, which defaults to ``./mlflow.db``, not flexkd's store.
     """
-    import mlflow
-    from transformers import AutoTokenizer
+    from tuning.student_model import load_student
 
-    from flexkd.models import model_class
-
-    uri = uri or tracking_uri()
-    source = model_uri
-    if model_uri.startswith("models:/"):
-        # Resolved here against ``uri``: mlflow resolves models:/ through the global registry URI otherwise.
-        ref = model_uri.removeprefix("models:/")
-        c = client(uri)
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            source = c.get_model_version_by_alias(name, alias).source
-        else:
-            name, version = ref.split("/", 1)
-            source = c.get_model_version(name, version).source
-    folder = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri)
-    return model_class(task).from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    return load_student(model_uri, uri or tracking_uri())
