@@ -5,7 +5,7 @@ starts a worker group (placement group, worker process, imports, process group).
 quickstart does: the trial fits a TorchTrainer in Ray Train's local mode, in its own process. Both run the
 quickstart sweep (same sampled trials: same Optuna seed), sequentially and without ASHA, through the
 project's own `run_sweep`, in a scratch folder with its own MLflow store; the parts come from the trials'
-MLflow metrics (`perf/trial/*`, `perf/setup_*`, `perf/loop_s`).
+MLflow tags (`flexkd.perf.trial.*`, `flexkd.perf.setup_*`, `flexkd.perf.loop_s`).
 
     python benchmarks/trial_overhead.py --trials 4          # about 6 minutes on 2 CPUs
 """
@@ -60,8 +60,12 @@ def sweep_once(variant: str, trials: int, teacher: str, workdir: Path, extra: li
     uri = tracking.tracking_uri()
     rows = []
     for run in tracking.children(uri, summary["parent_run_id"], summary["experiment_id"]):
-        m = {k.removeprefix("final/"): v for k, v in run.data.metrics.items()}
-        m.update({k: v for k, v in run.data.metrics.items() if k.startswith("perf/trial/")})
+        # One-off timings are tags (flexkd.perf.setup_s for perf/setup_s): read them back under their names.
+        m = {
+            k.removeprefix("flexkd.").replace(".", "/"): float(v)
+            for k, v in run.data.tags.items()
+            if k.startswith("flexkd.perf.")
+        }
         total = m.get("perf/trial/process_start_s", 0) + m["perf/trial/in_trial_s"]
         setup = m["perf/setup_s"]
         m["train_start"] = m["perf/trial/fit_s"] - setup - m["perf/loop_s"]

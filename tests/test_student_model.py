@@ -267,7 +267,7 @@ def test_the_champion_moves_only_to_a_better_student(folders, store):
             run_id = c.create_run(exp).info.run_id
             model_uri = log_student(uri, run_id, folders["classification"], "classification", TEXTS)
             c.set_tag(run_id, tracking.STUDENT_URI_TAG, model_uri)
-            out.append({"run_id": run_id, "val/accuracy": v, "method": "flexkd+kd", "trial": 0})
+            out.append({"run_id": run_id, "val/accuracy": v, tracking.METHOD_TAG: "flexkd+kd", "trial": 0})
         return out
 
     def champion():

@@ -60,7 +60,7 @@ def finish(context: SweepContext, grid, stopped_record: str, files: Store, quiet
                 "trial": number,
                 "trial_id": trial_id,
                 "run_id": run.info.run_id,
-                "method": run.data.tags.get(tracking.METHOD_TAG, ""),
+                tracking.METHOD_TAG: run.data.tags.get(tracking.METHOD_TAG, ""),  # beside a sampled `method`
                 "status": outcome,
                 "early_stopped": outcome == "stopped_early",
                 metric: value,
@@ -136,7 +136,7 @@ def description(summary: dict, spec: SweepSpec, top: int = 10) -> str:
     if "best" in summary:
         best = summary["best"]
         lines.append(
-            f"Best: trial {best['trial']} ({best['method']}), {metric} **{best[metric]:.4f}**; "
+            f"Best: trial {best['trial']} ({best[tracking.METHOD_TAG]}), {metric} **{best[metric]:.4f}**; "
             f"rerun with `flexkd train {summary['files']['best']}`."
         )
     if "registered" in summary:
@@ -146,7 +146,7 @@ def description(summary: dict, spec: SweepSpec, top: int = 10) -> str:
     for i, r in enumerate(rows[:top], 1):
         value = f"{r[metric]:.4f}" if isinstance(r[metric], float) else "-"
         lines.append(
-            f"| {i} | {r['trial']} | {r['method']} | {r['status'].replace('_', ' ')} | {value} | {r['steps']} | {r['seconds']} |"
+            f"| {i} | {r['trial']} | {r[tracking.METHOD_TAG]} | {r['status'].replace('_', ' ')} | {value} | {r['steps']} | {r['seconds']} |"
         )
     if len(rows) > top:
         lines.append(f"\n{len(rows) - top} more in `leaderboard.csv`.")
@@ -206,7 +206,7 @@ def print_summary(summary: dict, spec: SweepSpec, uri: str) -> None:
             [
                 str(i),
                 f"{r['trial']} ({r['trial_id']})",
-                r["method"],
+                r[tracking.METHOD_TAG],
                 r["status"].replace("_", " "),
                 f"{value:.4f}" if isinstance(value, float) else "-",
                 params,

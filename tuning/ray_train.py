@@ -161,6 +161,8 @@ def run_trainer(
     check_resources(plan, extra_cpus)
     for key, value in REPORT_POLL_ENV.items():
         os.environ.setdefault(key, value)
+    # "Running in local mode...", logged at INFO by every ScalingConfig(num_workers=0): once per sweep trial.
+    logging.getLogger("ray.train.v2.api.config").setLevel(logging.WARNING)
     per_worker = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
         per_worker["GPU"] = plan.gpus_per_worker

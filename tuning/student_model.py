@@ -107,9 +107,15 @@ def log_student(
     No fluent run is started (its exit would set the run FINISHED): the run stays RUNNING for the caller to
     end, and other runs of this process, active or not, are left alone.
     """
+    import logging
+
     import mlflow
     import pandas as pd
     from huggingface_hub import ModelCard
+
+    # "Failed to resolve installed pip version" per logged model (a uv-made venv has no pip): not the user's
+    # business, the requirements are pinned below.
+    logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
     from transformers import AutoTokenizer, pipeline
 
     from flexkd.models import model_class

@@ -127,9 +127,8 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
     out = Path(context.trials_root, trial_id)
     cfg = trial_config(spec, sampled, run_name=f"{spec.name}-{trial_id}")
     cfg.run.output_dir = str(out)
-    plan = preflight(cfg)  # this trial's own values: every one was checked on the driver, this is its plan
-    signals.attach(cfg, plan)  # the driver built the signals of every value of the space
     method = method_name(cfg)
+    # The run opens first, so that its duration is the trial's and a failure in the set-up below is recorded.
     run_id = tracking.start_child(
         context.uri,
         context.experiment_id,
@@ -148,6 +147,9 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
     )
     timing["perf/trial/mlflow_open_s"] = time.perf_counter() - entered
     try:
+        # This trial's own values: every one was checked on the driver, this is its plan.
+        plan = preflight(cfg)
+        signals.attach(cfg, plan)  # the driver built the signals of every value of the space
         # MLflow first: Tune may stop (end) this trial as soon as it sees the result.
         mlflow_sink = tracking.MlflowSink(context.uri, run_id)
         recorder = RunRecorder(
@@ -186,6 +188,8 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
             student=cfg.data.task if keep else "",
             examples=mlflow_sink.examples,
         )
+        closed = {"perf/trial/mlflow_close_s": time.perf_counter() - closing}  # artifacts, model, status
+        tracking.set_tags(context.uri, run_id, tracking.one_off_tags(closed))
     except Exception:
         tracking.fail_child(context.uri, run_id, traceback.format_exc())
         raise
@@ -285,8 +289,10 @@ def close_stopped(context: SweepContext, record: str, trial_id: str) -> bool:
         [context.experiment_id],
         filter_string=f"tags.`{tracking.PARENT_TAG}` = '{context.parent_id}' and tags.`{tracking.TRIAL_TAG}` = '{trial_id}'",
     )
+    cut = f"1/{context.spec.scheduler.reduction_factor}"
     for run in found:
         tracking.stop_child(
+            cut,
             context.uri,
             run.info.run_id,
             entry.get("time_ms", 0),
@@ -316,7 +322,8 @@ def sweep_callbacks(context: SweepContext, record: str, quiet: bool) -> list:
         def on_trial_result(self, iteration, trials, trial, result, **info):
             value = result.get(spec.objective.metric)
             if isinstance(value, (int, float)) and (self.best is None or sign * value > sign * self.best[0]):
-                self.best = (float(value), trial.trial_id)
+                number = (trial.config or {}).get(NUMBER_KEY)
+                self.best = (float(value), f"trial {number}" if number is not None else trial.trial_id)
                 self.show(trials)
 
         def on_trial_start(self, iteration, trials, trial, **info):
@@ -344,7 +351,7 @@ def sweep_callbacks(context: SweepContext, record: str, quiet: bool) -> list:
                 f"{states.count('failed')} failed), {running} running"
             ]
             if self.best:
-                parts.append(f"best {spec.objective.metric} {self.best[0]:.4g} ({self.best[1]})")
+                parts.append(f"best {spec.objective.metric} so far {self.best[0]:.4g} ({self.best[1]})")
             eta = f"eta {_clock(elapsed / finished * (spec.trials - finished))}" if finished else "eta -"
             parts.append(f"{_clock(elapsed)} elapsed, {eta}")
             line = " | ".join(parts)

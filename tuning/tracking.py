@@ -244,7 +244,17 @@ def finish_child(
         path = Path(folder, name)
         if path.exists():
             c.log_artifact(run_id, str(path))
-    tags = {**one_off_tags(metrics), OUTCOME_TAG: "completed"}
+    step = int(metrics.get("step", 0))
+    summary = ", ".join(
+        f"{k} {v:.4g}"
+        for k, v in sorted(metrics.items())
+        if k.startswith(("val/", "test/")) and not k.endswith("/examples") and isinstance(v, (int, float))
+    )
+    tags = {
+        **one_off_tags(metrics),
+        OUTCOME_TAG: "completed",
+        NOTE_TAG: f"Completed {step} steps: {summary}.",
+    }
     if student:
         from tuning.student_model import log_student
 
@@ -278,7 +288,7 @@ def fail_child(uri: str, run_id: str, error: str, status: str = "FAILED") -> Non
 
 
 def stop_child(
-    uri: str, run_id: str, end_ms: int, step: int | None, metric: str, value: float | None
+    cut: str, uri: str, run_id: str, end_ms: int, step: int | None, metric: str, value: float | None
 ) -> None:
     """A trial the scheduler stopped: it ends when it was stopped (not when the sweep ends) and says why, in
     a tag the runs table can show and filter on (``tags.flexkd.outcome = 'stopped_early'``). Its status is
@@ -290,7 +300,7 @@ def stop_child(
     tags = {
         OUTCOME_TAG: "stopped_early",
         EARLY_STOPPED_TAG: "true",
-        NOTE_TAG: f"Stopped early by ASHA{at}{last}: weaker than the trials before it at the same step.",
+        NOTE_TAG: f"Stopped early by ASHA{at}{last}: outside the best {cut} of the trials measured at that step.",
     }
     set_tags(uri, run_id, tags)
     if "flexkd.error" in run.data.tags:
@@ -436,7 +446,7 @@ def register(uri: str, name: str, best: list[dict], metric: str, mode: str, swee
             name,
             description=(
                 "Students distilled by flexkd. Aliases: 'champion' = the best on its objective so far (moves "
-                "only when a sweep beats it); 'sweep-<run name>' = each sweep's best. Version tags: "
+                "only when a sweep beats it); 'sweep-' + a sweep's run name = that sweep's best. Version tags: "
                 "objective, its value, method, sweep, trial."
             ),
         )
@@ -452,7 +462,7 @@ def register(uri: str, name: str, best: list[dict], metric: str, mode: str, swee
             "objective": metric,
             metric: f"{value:.6g}",
             "mode": mode,
-            "method": row.get("method", ""),
+            "method": row.get(METHOD_TAG, ""),
             "sweep": sweep_run,
             "trial": str(row.get("trial", "")),
             "rank_in_sweep": str(rank),
@@ -463,7 +473,7 @@ def register(uri: str, name: str, best: list[dict], metric: str, mode: str, swee
             run.data.tags[STUDENT_URI_TAG],
             tags=tags,
             description=(
-                f"{row.get('method', '')} student, {metric} {value:.4f} (rank {rank} of sweep {sweep_run}, "
+                f"{row.get(METHOD_TAG, '')} student, {metric} {value:.4f} (rank {rank} of sweep {sweep_run}, "
                 f"trial {row.get('trial', '')})"
             ),
         )
