@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from flexkd.data import IGNORE
+from flexkd.distributed import all_reduce_sum, all_reduce_sum_grad
 
 EPS = 1e-8
 
@@ -145,8 +146,19 @@ def kd_on_rows(name: str, student_rows, teacher, temperature=1.0, skew=0.1) -> t
 
 # ---------------------------------------------------------------------------------------------------------
 # Feature losses. Each: (student_hidden (B, T, d_S), teacher_hidden (B, T, d_T), mask (B, T) bool,
-# units (k,) long teacher indices or None, projector nn.Module or None) -> scalar.
+# units (k,) long teacher indices or None, projector nn.Module or None, *, group=None) -> scalar.
 # Student dim i is aligned with teacher unit units[i], for i < k.
+#
+# The batch a feature loss sees. With group=None it is this call's masked positions. With a process group
+# (the training loop passes ``flexkd.distributed.loss_group()`` when it runs on more than one rank) it is the
+# union of the masked positions of that call on every rank of the group: the losses are functions of sums
+# over positions (the co-moments below; the projector's squared error and count), and those sums are
+# all-reduced with autograd. So N ranks give one process's loss on the concatenated micro-batches, value and
+# (after DDP's average) gradient; see ``flexkd.distributed.all_reduce_sum_grad`` for the gradient's scale.
+# Every rank of the group must make the same calls in the same order, a rank with no masked position too.
+# Gradient accumulation does not widen the batch: each accumulation step is one call on every rank (the
+# union of the ranks' micro-batch a), and the optimiser step's feature loss is the mean over steps of those.
+# Exact over the whole step would need every micro-batch's graph kept alive until the last one.
 
 
 def _aligned(student_hidden, teacher_hidden, mask, units):
@@ -158,44 +170,79 @@ def _aligned(student_hidden, teacher_hidden, mask, units):
     return s, t
 
 
-def pearson_correlations(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Per-column Pearson correlation of two (N, k) matrices -> (k,). Zero-variance columns give 0."""
-    s = s - s.mean(0)
-    t = t - t.mean(0)
+def co_moments(s: torch.Tensor, t: torch.Tensor, group=None):
+    """Per-column sufficient statistics of two (N, k) matrices, over the rows of every rank in ``group``.
+
+    Returns ``(n, ss, tt, st)``: n () the number of rows, ss (k,) = sum of (s - mean s)^2, tt (k,) the same
+    for t, st (k,) = sum of (s - mean s)(t - mean t); means and sums run over the group's rows together (this
+    process's alone with group=None), in the dtype of s. Two collectives with a group: the sums that give the
+    means (no autograd), then the centred sums (with autograd). Centring on the global means before summing
+    keeps the precision of a two-pass variance, which raw sums of squares would lose to cancellation.
+    """
+    k = s.shape[-1]
+    first = torch.cat([s.new_tensor([s.shape[0]]), s.detach().sum(0), t.detach().sum(0)])
+    if group is not None:
+        first = all_reduce_sum(first, group)
+    n = first[0]
+    means = first[1:].view(2, k) / n.clamp_min(1)  # no row anywhere: sums are 0, and so is every moment
+    # The means are constants to autograd, exactly: a centred sum's derivative along its mean, sum(mean - x)
+    # or sum(mean_t - t), is zero at the mean. It also spares a collective in the backward.
+    ds, dt = s - means[0], t - means[1]
+    second = torch.stack([(ds * ds).sum(0), (dt * dt).sum(0), (ds * dt).sum(0)])
+    if group is not None:
+        second = all_reduce_sum_grad(second, group)
+    ss, tt, st = second.unbind(0)
+    return n, ss, tt, st
+
+
+def pearson_correlations(s: torch.Tensor, t: torch.Tensor, group=None) -> torch.Tensor:
+    """Per-column Pearson correlation of two (N, k) matrices -> (k,), over the rows of every rank in ``group``
+    (see ``co_moments``). Zero-variance columns give 0."""
+    _, ss, tt, st = co_moments(s, t, group)
     # eps inside each square root: a (near-)constant column then has correlation ~0 and a finite gradient;
     # clamping sqrt(0) from below would leave an infinite d sqrt / dx behind the clamp, and NaN weights.
-    denom = torch.sqrt((s * s).sum(0) + EPS) * torch.sqrt((t * t).sum(0) + EPS)
-    return (s * t).sum(0) / denom
+    return st / (torch.sqrt(ss + EPS) * torch.sqrt(tt + EPS))
 
 
-def feature_pearson(student_hidden, teacher_hidden, mask, units, projector=None):
+def feature_pearson(student_hidden, teacher_hidden, mask, units, projector=None, *, group=None):
     """Flex-KD: mean over aligned pairs of (1 - Pearson correlation over the batch's positions).
 
+    The batch is the masked positions of this call, or with ``group`` those of every rank together (see above).
     Invariant to a positive affine change of each student dim, so no projector is needed across hidden sizes.
     """
     s, t = _aligned(student_hidden, teacher_hidden, mask, units)
-    return (1.0 - pearson_correlations(s, t)).mean()
+    return (1.0 - pearson_correlations(s, t, group)).mean()
 
 
-def _standardise(x: torch.Tensor) -> torch.Tensor:
-    centred = x - x.mean(0)
-    return centred / torch.sqrt((centred * centred).mean(0) + EPS)  # eps inside the root, as in pearson
+def feature_mse_std(student_hidden, teacher_hidden, mask, units, projector=None, *, group=None):
+    """MSE between per-dim standardised features; equals 2 * (1 - mean Pearson) up to the eps guards.
 
-
-def feature_mse_std(student_hidden, teacher_hidden, mask, units, projector=None):
-    """MSE between per-dim standardised features; equals 2 * (1 - mean Pearson) up to the eps guards."""
+    Standardised: x -> (x - mean) / sqrt(var + eps), var the biased variance over the batch (this call's
+    masked positions, or every rank's with ``group``). Computed in closed form from the co-moments: per unit,
+    ss / (ss + n eps) + tt / (tt + n eps) - 2 st / sqrt((ss + n eps)(tt + n eps)), averaged over units; that is
+    the mean over positions and units of the squared difference of the standardised features.
+    """
     s, t = _aligned(student_hidden, teacher_hidden, mask, units)
-    return F.mse_loss(_standardise(s), _standardise(t))
+    n, ss, tt, st = co_moments(s, t, group)
+    n_eps = n.clamp_min(1) * EPS  # eps on the variance (ss / n) is n eps on ss; no position: the loss is 0
+    ss_e, tt_e = ss + n_eps, tt + n_eps
+    return (ss / ss_e + tt / tt_e - 2.0 * st / torch.sqrt(ss_e * tt_e)).mean()
 
 
-def feature_projector(student_hidden, teacher_hidden, mask, units=None, projector=None):
-    """FitNets baseline: MSE between a learned linear map W h_S (d_S -> d_T) and h_T over all teacher units."""
+def feature_projector(student_hidden, teacher_hidden, mask, units=None, projector=None, *, group=None):
+    """FitNets baseline: MSE between a learned linear map W h_S (d_S -> d_T) and h_T over all teacher units,
+    over this call's masked positions or, with ``group``, every rank's together."""
     weight_dtype = next(projector.parameters()).dtype
     pred = projector(student_hidden[mask].to(weight_dtype))
-    return F.mse_loss(pred.float(), teacher_hidden[mask].detach().float())
+    target = teacher_hidden[mask].detach().float()
+    if group is None:
+        return F.mse_loss(pred.float(), target)
+    squared = (pred.float() - target).pow(2).sum()
+    count = all_reduce_sum(torch.tensor(float(target.numel()), dtype=torch.float64), group)
+    return all_reduce_sum_grad(squared, group) / count.clamp_min(1).item()
 
 
-def feature_none(student_hidden, teacher_hidden, mask, units=None, projector=None):
+def feature_none(student_hidden, teacher_hidden, mask, units=None, projector=None, *, group=None):
     return student_hidden.new_zeros((), dtype=torch.float32)
 
 

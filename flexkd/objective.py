@@ -26,6 +26,11 @@ class Objective:
     layer_map: (teacher, student) indices into ``hidden_states``: teacher entry t is aligned with student
     entry s. units: per mapped pair, the selected teacher units (k,) long, or None (projector baseline); with
     signals of selected units only, the columns of the stored hidden states that hold them.
+
+    group: the process group the feature loss sums its statistics over, so that it is a function of the
+    global micro-batch (the union of every rank's, see ``flexkd.losses``): the training loop passes
+    ``flexkd.distributed.loss_group()``. None (the default, and every caller outside the loop): this
+    process's micro-batch alone, and no collective. The task and KD terms are this rank's means either way.
     """
 
     cfg: Config
@@ -34,6 +39,7 @@ class Objective:
     units: list[torch.Tensor | None]
     projector: torch.nn.ModuleList | None
     vocab: int
+    group: object | None = None
 
     @property
     def weights(self) -> dict[str, float]:
@@ -96,6 +102,7 @@ class Objective:
                     token_mask,
                     self.units[i],
                     self.projector[i] if self.projector is not None else None,
+                    group=self.group,
                 )
                 for i, (t_layer, s_layer) in enumerate(self.layer_map)
             ]

@@ -30,7 +30,7 @@ from transformers import get_scheduler
 from flexkd import checkpoint as ckpt
 from flexkd.config import Config
 from flexkd.data import describe_splits, micro_batches, model_inputs, step_indices
-from flexkd.distributed import all_reduce_sum, rank, world_size, wrap_distributed
+from flexkd.distributed import all_reduce_sum, loss_group, rank, world_size, wrap_distributed
 from flexkd.evaluation import evaluate
 from flexkd.models import build_student, hidden_size
 from flexkd.objective import Objective
@@ -186,7 +186,11 @@ def train(
         events["event/resumed_from_step"] = start_step
         log.info("resumed at step %d of %d", start_step, cfg.train.steps)
 
-    objective = Objective(cfg, teacher, layer_map, units, projector, vocab=len(bench.tok_s))
+    # The feature loss sums its statistics over the ranks (none with one), so each accumulation step's term is
+    # that of the global micro-batch, the union of the ranks' micro-batch a; the step's is their mean over a.
+    objective = Objective(
+        cfg, teacher, layer_map, units, projector, vocab=len(bench.tok_s), group=loss_group()
+    )
     accum = cfg.train.grad_accum
     n_train = len(train_examples)
     running: dict[str, float] = {}
