@@ -10,6 +10,7 @@ runs in well under a second, before any model, tokenizer or Ray worker exists. C
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 @dataclass
 class Run:
     name: str = "run"
-    """Run name; also the default output folder name."""
+    """Run name; also the default output folder name (./flexkd-runs/<run.name>), so no '/', '..' or absolute path."""
     output_dir: str = ""
     """Where artifacts go. Empty: ./flexkd-runs/<run.name>. Relative paths are relative to the working directory."""
     seed: int = 0
@@ -60,9 +61,9 @@ class Data:
     train_split: str = "train"
     """Split that training, scoring and (when no val_split) validation are cut from."""
     val_split: str = ""
-    """Validation split name; empty: hold out data.val_size examples of the train split."""
+    """Validation split name; empty: a local folder's own validation file (validation/valid/val/dev.jsonl ...), else hold out data.val_size examples of the train split."""
     test_split: str = ""
-    """Test split name; empty: hold out data.test_size examples of the train split (0 for none)."""
+    """Test split name; empty: a local folder's own test file (test.jsonl ...), else hold out data.test_size examples of the train split (0 for none)."""
     val_size: int = 200
     """Examples held out for validation when val_split is empty."""
     test_size: int = 0
@@ -94,19 +95,31 @@ class Teacher:
     auto_prepare: bool = False
     """Run `flexkd teacher` first when teacher.path does not exist yet (the demo presets do)."""
     steps: int = 600
-    """Optimizer steps of the teacher fine-tune."""
+    """Optimizer steps of the teacher fine-tune (`flexkd teacher`)."""
     lr: float = 1e-3
-    """Learning rate of the teacher fine-tune."""
+    """Peak learning rate of the teacher fine-tune (AdamW; weight decay and clipping are optim.weight_decay / optim.max_grad_norm)."""
     batch_size: int = 32
     """Batch size of the teacher fine-tune."""
+    warmup_steps: int = 0
+    """Linear warm-up steps of the teacher fine-tune (not optim.warmup_steps, which is the student's)."""
+    schedule: str = "cosine"
+    """Learning-rate schedule of the teacher fine-tune after warm-up: cosine | linear | constant."""
+    max_length: int = 0
+    """Tokens per example in the teacher fine-tune; 0: data.max_length (what the teacher reads when distilling)."""
+    eval_every: int = 100
+    """Validate the teacher every this many fine-tune steps (and at the end), shown on its progress line; 0: only at the end."""
 
 
 @dataclass
 class Student:
     path: str = ""
     """Pretrained student to start from (folder or Hub name); empty: build a fresh one from student.arch."""
+    tokenizer: str = ""
+    """Tokenizer of a fresh student (folder, Hub name or 'demo'); empty: the teacher's. Checked against the teacher's: logit KD on generation tasks needs one vocabulary, else identical splits."""
     arch: dict = field(default_factory=dict)
-    """Architecture of a fresh student: model_type plus config fields; missing fields are copied from the teacher."""
+    """Architecture of a fresh student: model_type plus config fields; missing fields are copied from the teacher,
+    except the head count of a hidden size the arch gives without num_attention_heads: the teacher's head width
+    (64 without a teacher) is kept, heads = hidden_size // that width, lowered until it divides hidden_size."""
 
 
 @dataclass
@@ -308,12 +321,41 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]):
 
 
 def _at_least(key: str, value: float, low: float):
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
     if value < low:
         raise ConfigError(f"{key}: must be >= {low}, got {value}")
 
 
+def _positive(key: str, value: float):
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{key}: must be a finite number > 0, got {value}")
+
+
+def _finite_numbers(obj: Any, prefix: str = "") -> None:
+    """No float field may be nan or inf: YAML reads `.inf` and `nan` as numbers, and a loss weight of inf
+    trains nothing but NaNs."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _finite_numbers(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{f.name}: must be a finite number, got {value}")
+
+
+def check_run_name(key: str, name: str) -> None:
+    """A name that becomes a folder under ./flexkd-runs (or a sweep's folder) must stay inside it."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or os.path.isabs(name):
+        raise ConfigError(
+            f"{key}: {name!r} must be a plain folder name (no '/', '..' or absolute path); it names a folder "
+            "under ./flexkd-runs (set run.output_dir to write elsewhere)"
+        )
+
+
 def validate(cfg: Config) -> None:
     """Static checks (no files read). Raises ConfigError naming the key."""
+    _finite_numbers(cfg)
+    check_run_name("run.name", cfg.run.name)
     _choice("run.device", cfg.run.device, ("auto", "cpu", "cuda"))
     _choice("run.precision", cfg.run.precision, ("fp32", "bf16"))
     _choice("data.task", cfg.data.task, TASKS)
@@ -329,10 +371,11 @@ def validate(cfg: Config) -> None:
         _at_least(f"data.{key}", getattr(cfg.data, key), 0)
     _at_least("data.max_length", cfg.data.max_length, 8)
     _at_least("data.max_response_length", cfg.data.max_response_length, 1)
-    if cfg.data.task != "classification" and cfg.data.max_response_length >= cfg.data.max_length:
+    # A response takes max_response_length tokens plus its EOS; the prompt needs at least one more.
+    if cfg.data.task != "classification" and cfg.data.max_response_length >= cfg.data.max_length - 1:
         raise ConfigError(
             f"data.max_response_length: {cfg.data.max_response_length} leaves no room for the prompt "
-            f"within data.max_length={cfg.data.max_length}"
+            f"within data.max_length={cfg.data.max_length} (at most {cfg.data.max_length - 2})"
         )
 
     if not cfg.teacher.path:
@@ -351,7 +394,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError("teacher.arch.model_type: missing; name the architecture (e.g. bert, llama)")
     for key in ("steps", "batch_size"):
         _at_least(f"teacher.{key}", getattr(cfg.teacher, key), 1)
-    _at_least("teacher.lr", cfg.teacher.lr, 0)
+    _positive("teacher.lr", cfg.teacher.lr)
+    for key in ("warmup_steps", "eval_every", "max_length"):
+        _at_least(f"teacher.{key}", getattr(cfg.teacher, key), 0)
+    _choice("teacher.schedule", cfg.teacher.schedule, ("cosine", "linear", "constant"))
+    if cfg.teacher.max_length:
+        _at_least("teacher.max_length", cfg.teacher.max_length, 8)
+        if cfg.data.task != "classification" and cfg.data.max_response_length >= cfg.teacher.max_length - 1:
+            raise ConfigError(
+                f"teacher.max_length: {cfg.teacher.max_length} leaves no room for the prompt after "
+                f"data.max_response_length={cfg.data.max_response_length} (at least {cfg.data.max_response_length + 2})"
+            )
+    if cfg.student.path and cfg.student.tokenizer:
+        raise ConfigError(
+            "student.tokenizer: a pretrained student (student.path) brings its own tokenizer; set one of the two"
+        )
 
     _choice("scoring.method", cfg.scoring.method, SCORING_METHODS)
     _at_least("scoring.batch_size", cfg.scoring.batch_size, 1)
@@ -366,6 +423,10 @@ def validate(cfg: Config) -> None:
 
     _choice("feature.loss", cfg.feature.loss, FEATURE_LOSS_NAMES)
     _choice("feature.tokens", cfg.feature.tokens, ("all", "response"))
+    if cfg.feature.tokens == "response" and cfg.data.task == "classification":
+        raise ConfigError(
+            "feature.tokens: 'response' needs a generation task; classification has no response tokens"
+        )
     parse_layer_map(cfg.feature.layers)  # raises on a malformed map
     _choice("kd.loss", cfg.kd.loss, KD_LOSS_NAMES)
     for key in ("task.weight", "kd.weight", "feature.weight"):
@@ -375,14 +436,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "kd.top_k: applies to causal LMs (instruction, summarization); classification KD uses every class"
         )
-    if cfg.kd.temperature <= 0:
-        raise ConfigError(f"kd.temperature: must be > 0, got {cfg.kd.temperature}")
+    _positive("kd.temperature", cfg.kd.temperature)
     if not 0 < cfg.kd.skew < 1:
         raise ConfigError(f"kd.skew: must be in (0, 1), got {cfg.kd.skew}")
     if cfg.task.weight == 0 and cfg.kd.weight == 0 and cfg.feature.weight == 0:
         raise ConfigError("task.weight: all loss weights are 0, nothing would train")
 
-    _at_least("optim.lr", cfg.optim.lr, 0)
+    _positive("optim.lr", cfg.optim.lr)
     _at_least("optim.weight_decay", cfg.optim.weight_decay, 0)
     _at_least("optim.warmup_steps", cfg.optim.warmup_steps, 0)
     _choice("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
@@ -420,8 +480,7 @@ def validate(cfg: Config) -> None:
     for key in ("batch_size", "shard_examples"):
         _at_least(f"signals.{key}", getattr(cfg.signals, key), 1)
     _at_least("signals.actors", cfg.signals.actors, 0)
-    if not cfg.signals.max_gb > 0:
-        raise ConfigError(f"signals.max_gb: must be > 0, got {cfg.signals.max_gb}")
+    _positive("signals.max_gb", cfg.signals.max_gb)
     if (
         cfg.scaling.storage_path
         and "://" not in cfg.scaling.storage_path
@@ -440,24 +499,43 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def find_config_file(name: str) -> Path:
-    """A preset name (``demo``) or a path to a YAML file."""
+def _looks_like_path(name: str) -> bool:
+    return "/" in name or name.endswith((".yaml", ".yml")) or name.startswith(("~", "."))
+
+
+def find_config_file(name: str, near: Path | None = None) -> Path:
+    """A preset name (``demo``) or a path to a YAML file. ``near``: the folder of the file that names it
+    (``extends:``), which a relative path is relative to instead of the working directory."""
     path = Path(name).expanduser()
+    if near is not None and not path.is_absolute():
+        path = near / path
     if path.is_file():
         return path.resolve()
+    if near is not None and _looks_like_path(name):
+        raise ConfigError(f"{name}: no such config file (relative to {near})")
     preset = PRESET_DIR / f"{name}.yaml"
     if preset.is_file():
         return preset
     raise ConfigError(f"{name}: no such config file or preset; presets are {', '.join(preset_names())}")
 
 
-def read_config_dict(name: str) -> dict:
-    """Read a config file as a nested dict, following ``extends: <preset or file>`` chains."""
-    path = find_config_file(name)
+def read_config_dict(name: str, near: Path | None = None, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a config file as a nested dict, following ``extends: <preset or file>`` chains; a relative
+    ``extends`` path is relative to the file that says it. Groups merge key by key; a dict value (such as
+    ``student.arch``) is replaced whole."""
+    path = find_config_file(name, near)
+    if path in _chain:
+        raise ConfigError(
+            f"{_chain[-1]}: extends {path}, a cycle ("
+            + " -> ".join(str(p) for p in (*_chain[_chain.index(path) :], path))
+            + ")"
+        )
     data = read_yaml(path)
     parent = data.pop("extends", None)
     if parent:
-        base = read_config_dict(parent)
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: extends: expected a preset name or a file path, got {parent!r}")
+        base = read_config_dict(parent, path.parent, (*_chain, path))
         # A file that extends another restates whole fields: its teacher.arch replaces the parent's.
         return merge(base, data, depth=1)
     return data
@@ -494,6 +572,8 @@ def resolve_paths(cfg: Config) -> None:
     if cfg.teacher.tokenizer != "demo":
         cfg.teacher.tokenizer = absolute(cfg.teacher.tokenizer)
     cfg.student.path = absolute(cfg.student.path)
+    if cfg.student.tokenizer != "demo":
+        cfg.student.tokenizer = absolute(cfg.student.tokenizer)
     cfg.scoring.cache = absolute(cfg.scoring.cache)
     if not cfg.signals.path:
         storage = cfg.scaling.storage_path.rstrip("/")

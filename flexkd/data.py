@@ -59,19 +59,39 @@ def local_files(source: str) -> dict[str, Path]:
     raise ConfigError(f"data.source: {source}: no such file or folder")
 
 
+def jsonl_records(path: Path):
+    """(line number, record) of every non-blank line of a JSON-lines file; a line that is not a JSON object
+    fails naming the file and the line."""
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"data.source: {path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ConfigError(
+                    f"data.source: {path}:{number}: expected a JSON object, got {line.strip()[:40]}"
+                )
+            yield number, record
+
+
 def peek_columns(path: Path) -> tuple[list[str], int]:
-    """(column names, row count) of a local file, read without pandas or datasets, for the pre-flight checks."""
+    """(column names, row count) of a local file, read without pandas or datasets, for the pre-flight checks.
+    Every line of a JSON-lines file is parsed, so that a bad line 500 fails here, naming its line."""
     if path.suffix == ".jsonl":
         names, rows = [], 0
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    if not rows:
-                        names = list(json.loads(line))
-                    rows += 1
+        for _, record in jsonl_records(path):
+            if not rows:
+                names = list(record)
+            rows += 1
         return names, rows
     if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8") or "[]")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8") or "[]")
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"data.source: {path}:{err.lineno}: not valid JSON ({err.msg})") from None
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
             data = next(iter(data.values()))
         if not isinstance(data, list):
@@ -88,11 +108,72 @@ def peek_columns(path: Path) -> tuple[list[str], int]:
     return list(meta.schema_arrow.names), meta.metadata.num_rows
 
 
+def column_values(path: Path, column: str) -> list[tuple[str, object]]:
+    """(where, value) of one column in every row of a local file; ``where`` is ``file:line`` for JSON lines
+    and CSV, ``file [record i]`` for JSON and parquet. A row without the column has the value None."""
+    if path.suffix == ".jsonl":
+        return [(f"{path}:{n}", r.get(column)) for n, r in jsonl_records(path)]
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            # Line numbers assume one line per row (a quoted newline in a field shifts them).
+            return [(f"{path}:{i}", r.get(column)) for i, r in enumerate(csv.DictReader(f), 2)]
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8") or "[]")
+        if isinstance(data, dict) and len(data) == 1:
+            data = next(iter(data.values()))
+        return [
+            (f"{path} [record {i}]", r.get(column) if isinstance(r, dict) else None)
+            for i, r in enumerate(data)
+        ]
+    import pyarrow.parquet as pq
+
+    values = pq.read_table(path, columns=[column]).column(column).to_pylist()
+    return [(f"{path} [row {i}]", v) for i, v in enumerate(values)]
+
+
+def check_labels(labels: dict[str, list[tuple[str, object]]], key: str = "data.columns.label") -> list[str]:
+    """Split -> (where, label) of every row: every row has a label; labels are all integers >= 0 or all
+    strings; the labels of validation and test occur in train. Returns the label names (as training will)."""
+    kinds: dict[type, str] = {}
+    for rows in labels.values():
+        for where, value in rows:
+            if value is None:
+                raise ConfigError(f"{key}: {where}: the row has no label")
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if isinstance(value, (int, bool)):
+                if value < 0:
+                    raise ConfigError(
+                        f"{key}: {where}: negative label {value}; labels are 0, 1, ... or names"
+                    )
+                kinds.setdefault(int, where)
+            elif isinstance(value, str):
+                kinds.setdefault(str, where)
+            else:
+                raise ConfigError(f"{key}: {where}: label {value!r} is neither an integer nor a name")
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"{key}: labels mix integers ({kinds[int]}) and names ({kinds[str]}); use one kind throughout"
+        )
+    train = {str(v) for _, v in labels.get("train", [])}
+    for split, rows in labels.items():
+        for where, value in rows if split != "train" else ():
+            if str(value) not in train:
+                raise ConfigError(
+                    f"{key}: {where}: label {value!r} of the {split} split does not occur in train "
+                    f"(train labels: {', '.join(sorted(train))})"
+                )
+    return _label_names([{"label": v} for _, v in labels.get("train", [])])
+
+
 def _load_local(path: Path) -> list[dict]:
     from datasets import load_dataset
 
     kind = FILE_TYPES[path.suffix]
-    ds = load_dataset(kind, data_files=str(path), split="train")
+    try:
+        ds = load_dataset(kind, data_files=str(path), split="train")
+    except Exception as err:  # the datasets library raises many types; the file is what the user needs
+        raise ConfigError(f"data.source: {path}: cannot be read ({str(err).splitlines()[0]})") from None
     return ds.to_list()
 
 
@@ -152,6 +233,8 @@ class TaskData:
     val: list[dict]
     test: list[dict]
     label_names: list[str] = field(default_factory=list)
+    origins: dict[str, str] = field(default_factory=dict)
+    """train / validation / test -> where its rows came from (``split_origins``), e.g. 'validation.jsonl (120 rows)'."""
 
     def scoring_set(self, num_examples: int, seed: int) -> list[dict]:
         """The first ``num_examples`` of a seeded permutation of the train split (the spec's scoring set)."""
@@ -160,17 +243,118 @@ class TaskData:
         return [self.train[i] for i in order[:num_examples]]
 
 
-def _find_split(raw: dict[str, list[dict]], name: str) -> list[dict] | None:
+def _find_key(keys, name: str) -> str | None:
+    """The split of ``keys`` that ``name`` means: itself, or its canonical name or an alias of it."""
     if not name:
         return None
-    if name in raw:
-        return raw[name]
+    if name in keys:
+        return name
     for canonical, aliases in SPLIT_ALIASES.items():
         if name in aliases:
             for alias in (canonical, *aliases):
-                if alias in raw:
-                    return raw[alias]
+                if alias in keys:
+                    return alias
     return None
+
+
+def _find_split(raw: dict[str, list[dict]], name: str) -> list[dict] | None:
+    key = _find_key(raw, name)
+    return raw[key] if key is not None else None
+
+
+def is_local_folder(source: str) -> bool:
+    from flexkd.config import is_local_path
+
+    return not _is_demo(source) and is_local_path(source) and Path(source).expanduser().is_dir()
+
+
+def held_out_sources(cfg: Data, splits) -> dict[str, str]:
+    """Where validation and test come from: ``{"validation": name, "test": name}``, the split of ``splits``
+    (the source's split names) each is read from, or '' when it is carved out of the train split.
+
+    An explicit data.val_split / data.test_split wins; else a local folder's own validation / test file
+    (``SPLIT_ALIASES``: validation.jsonl, valid.csv, dev.parquet ...); else data.val_size / data.test_size
+    rows are carved out of train. Hub datasets and the demo split only as their keys say.
+    """
+    folder = is_local_folder(cfg.source)
+    out = {}
+    for split, explicit in (("validation", cfg.val_split), ("test", cfg.test_split)):
+        if explicit:
+            out[split] = explicit
+        elif folder and split in splits:
+            out[split] = split
+        else:
+            out[split] = ""
+    return out
+
+
+def split_names(cfg: Data, splits) -> dict[str, str]:
+    """Source split -> how the run's records and its ``data:`` line name it: the file name of a local source,
+    ``demo [train]`` for the demo, ``name [train]`` for a Hub dataset."""
+    if _is_demo(cfg.source):
+        return {s: f"{cfg.source} [{s}]" for s in splits}
+    if is_local_folder(cfg.source) or Path(cfg.source).expanduser().is_file():
+        return {s: path.name for s, path in local_files(cfg.source).items()}
+    return {s: f"{cfg.source} [{s}]" for s in splits}
+
+
+def split_origins(
+    cfg: Data, names: dict[str, str], rows: dict[str, int | None], train_rows: int | None
+) -> dict[str, str]:
+    """train / validation / test -> where its rows come from, with the number of rows (when known).
+
+    names: source split -> display name (``split_names``); rows: the run's rows per split (None: unknown
+    before loading); train_rows: rows of the source's train split before anything is carved out of it.
+    """
+    train_key = _find_key(names, cfg.train_split) or cfg.train_split
+    train_name = names.get(train_key, train_key)
+
+    def count(n: int | None, of: int | None = None) -> str:
+        if n is None:
+            return ""
+        return f" ({n} of {of} rows)" if of is not None and of != n else f" ({n} rows)"
+
+    out = {"train": f"{train_name}{count(rows.get('train'), train_rows)}"}
+    sources = held_out_sources(cfg, names)
+    for split, size_key in (("validation", "val_size"), ("test", "test_size")):
+        source = sources[split]
+        if source:
+            key = _find_key(names, source) or source
+            out[split] = f"{names.get(key, key)}{count(rows.get(split))}"
+        elif getattr(cfg, size_key):
+            n = rows.get(split)
+            out[split] = (
+                f"carved from {train_name} ({n if n is not None else getattr(cfg, size_key)} rows, data.{size_key})"
+            )
+        else:
+            out[split] = f"none (data.{size_key}=0)"
+    return out
+
+
+def planned_origins(cfg: Data, file_rows: dict[str, int]) -> dict[str, str]:
+    """``split_origins`` before anything loads, for the run's ``data:`` line. file_rows: source split -> rows
+    (a local source's files, the demo's splits); {} when unknown (a Hub dataset)."""
+    keys = file_rows or [k for k in (cfg.train_split, cfg.val_split, cfg.test_split) if k]
+    sources = held_out_sources(cfg, keys)
+    total = file_rows.get(_find_key(file_rows, cfg.train_split) or "") if file_rows else None
+    rows: dict[str, int | None] = {}
+    carved = 0
+    for split, size in (("validation", cfg.val_size), ("test", cfg.test_size)):
+        if sources[split]:
+            rows[split] = file_rows.get(_find_key(file_rows, sources[split]) or "") if file_rows else None
+        else:
+            rows[split] = size if total is None else min(size, max(total - carved, 0))
+            carved += rows[split]
+    rest = None if total is None else max(total - carved, 0)
+    if rest is not None and cfg.max_train_examples:
+        rest = min(rest, cfg.max_train_examples)
+    rows = {"train": rest, **rows}
+    return split_origins(cfg, split_names(cfg, keys), rows, total)
+
+
+def origin_line(origins: dict[str, str]) -> str:
+    """``data: train <- train.jsonl (3800 rows), validation <- validation.jsonl (120 rows), test <- ...``"""
+    return "data: " + ", ".join(f"{split} <- {text}" for split, text in origins.items())
 
 
 def split_task_data(raw: dict[str, list[dict]], cfg: Data) -> TaskData:
@@ -182,13 +366,16 @@ def split_task_data(raw: dict[str, list[dict]], cfg: Data) -> TaskData:
         )
     if not train:
         raise ConfigError(f"data.source: {source}: the {cfg.train_split!r} split is empty")
+    train_total = len(train)
     train = _rename(train, cfg, f"{source} [{cfg.train_split}]")
     order = list(range(len(train)))
     random.Random(cfg.split_seed).shuffle(order)
     taken = 0
+    sources = held_out_sources(cfg, raw)
 
-    def carve(split_name: str, size: int, key: str) -> list[dict]:
+    def carve(split: str, size: int, key: str) -> list[dict]:
         nonlocal taken
+        split_name = sources[split]
         if split_name:
             rows = _find_split(raw, split_name)
             if rows is None:
@@ -198,8 +385,8 @@ def split_task_data(raw: dict[str, list[dict]], cfg: Data) -> TaskData:
         taken += size
         return rows
 
-    val = carve(cfg.val_split, cfg.val_size, "data.val_split")
-    test = carve(cfg.test_split, cfg.test_size, "data.test_split")
+    val = carve("validation", cfg.val_size, "data.val_split")
+    test = carve("test", cfg.test_size, "data.test_split")
     rest = [train[i] for i in sorted(order[taken:])]
     if cfg.max_train_examples:
         rest = rest[: cfg.max_train_examples]
@@ -210,7 +397,9 @@ def split_task_data(raw: dict[str, list[dict]], cfg: Data) -> TaskData:
     label_names: list[str] = []
     if cfg.task == "classification":
         label_names = _label_names(rest + val + test)
-    return TaskData(train=rest, val=val, test=test, label_names=label_names)
+    rows = {"train": len(rest), "validation": len(val), "test": len(test)}
+    origins = split_origins(cfg, split_names(cfg, raw), rows, train_total)
+    return TaskData(train=rest, val=val, test=test, label_names=label_names, origins=origins)
 
 
 def _label_names(rows: list[dict]) -> list[str]:
@@ -227,19 +416,27 @@ def load_task_data(cfg: Data) -> TaskData:
 
 
 def describe_splits(cfg: Data, splits: dict[str, list[dict]]) -> list[dict]:
-    """What a run trained and evaluated on, for the records: per split its name, source, rows and a digest
-    of its content (two runs with the same digest saw the same rows). ``splits``: context -> rows."""
+    """What a run trained and evaluated on, for the records: per split its name, source (the file it was
+    read from, for a local source), origin (``split_origins``: its own file, or carved out of train), rows
+    and a digest of its content (two runs with the same digest saw the same rows). ``splits``: context -> rows."""
     base = Path(cfg.source).name if not _is_demo(cfg.source) else cfg.source
+    files = local_files(cfg.source) if not _is_demo(cfg.source) and Path(cfg.source).exists() else {}
+    keys = files or [k for k in (cfg.train_split, cfg.val_split, cfg.test_split) if k]
+    sources = held_out_sources(cfg, keys)
+    counts = {context: len(rows) for context, rows in splits.items()}
+    origins = split_origins(cfg, split_names(cfg, keys), counts, None)
     out = []
     for context, rows in splits.items():
         if not rows:
             continue
         digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+        split = _find_key(files, sources.get(context) or cfg.train_split) if files else None
         out.append(
             {
                 "context": context,
                 "name": f"{base}:{context}",
-                "source": cfg.source,
+                "source": str(files[split]) if split else cfg.source,
+                "origin": origins.get(context, ""),
                 "rows": len(rows),
                 "digest": digest,
             }

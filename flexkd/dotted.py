@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from pathlib import Path
@@ -119,7 +120,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             number = float(value)
         except ValueError:
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if number != int(number):
+        if not math.isfinite(number) or number != int(number):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(number)
     if tp is float:

@@ -13,6 +13,7 @@ from transformers import (
 )
 
 from flexkd import demo
+from flexkd.checks import arch_heads
 from flexkd.config import Config, ConfigError
 
 
@@ -42,8 +43,10 @@ def teacher_tokenizer(cfg: Config, prepared: bool = True):
 
 
 def student_tokenizer(cfg: Config, teacher_tok):
-    """A student built from an architecture shares the teacher's tokenizer; a pretrained one has its own."""
-    return load_tokenizer(cfg.student.path, cfg.data.task) if cfg.student.path else teacher_tok
+    """A pretrained student has its own tokenizer; one built from an architecture uses student.tokenizer, or
+    the teacher's when that is empty (the pre-flight checks make sure the two tokenize alike)."""
+    source = cfg.student.path or cfg.student.tokenizer
+    return load_tokenizer(source, cfg.data.task) if source else teacher_tok
 
 
 def _task_kwargs(task: str, label_names: list[str]) -> dict:
@@ -81,7 +84,9 @@ def config_from_arch(
             if k not in ("architectures", "_name_or_path", "transformers_version")
         }
         base.pop("model_type", None)
+    heads = arch_heads(fields, base, "student.arch" if like is not None else "teacher.arch")
     base.update(fields)
+    base.update(heads)
     base.update(vocab_size=len(tok), **_token_ids(tok), **_task_kwargs(task, label_names))
     try:
         return AutoConfig.for_model(model_type, **base)

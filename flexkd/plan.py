@@ -21,6 +21,8 @@ class ModelDims:
     layers: int
     model_type: str
     vocab: int = 0
+    heads: int = 0
+    """Attention heads (0: not known)."""
 
 
 @dataclass
@@ -48,6 +50,10 @@ class RunPlan:
     """The teacher-signal cache folder the loop reads instead of running the teacher (``flexkd.signals``)."""
     notes: list[str] = field(default_factory=list)
     """What the checks could not establish yet (said by `flexkd show --check`)."""
+    pending: list[str] = field(default_factory=list)
+    """What cannot be checked until the teacher exists (`flexkd show --check` before `flexkd teacher`)."""
+    data: str = ""
+    """Where each split comes from: the run's ``data: train <- ...`` line (``flexkd.data.split_origins``)."""
 
     @property
     def cpus_needed(self) -> int:
@@ -66,15 +72,22 @@ class RunPlan:
         return cls(**data)
 
     def describe(self) -> str:
+        where = f"{self.workers} Ray Train worker(s)" if self.workers else "in this process"
+        source = f", teacher signals from {self.signals}" if self.signals else ""
+        student = (
+            f"student hidden {self.student.hidden} x {self.student.layers} layers"
+            if self.student.hidden
+            else "student size from the teacher"
+        )
+        if self.pending:
+            return f"data, {student}, terms {'+'.join(self.terms)}, {where} (the teacher does not exist yet)"
         teacher = (
             f"teacher hidden {self.teacher.hidden} x {self.teacher.layers} layers"
             if self.teacher
             else "no teacher read"
         )
-        where = f"{self.workers} Ray Train worker(s)" if self.workers else "in this process"
-        source = f", teacher signals from {self.signals}" if self.signals else ""
         return (
-            f"{teacher}, student hidden {self.student.hidden} x {self.student.layers} layers, "
+            f"{teacher}, {student}, "
             f"layer map {self.layer_map}, k {self.k}, terms {'+'.join(self.terms)}, {where}{source}"
         )
 
@@ -83,8 +96,17 @@ class RunPlan:
         return sorted({t for t, _ in self.layer_map})
 
 
-def make_plan(cfg: Config, teacher: ModelDims | None, student: ModelDims, train_rows: int | None) -> RunPlan:
-    """The plan from the models' dims; the one place the layer map is resolved and k is range-checked."""
+def make_plan(
+    cfg: Config,
+    teacher: ModelDims | None,
+    student: ModelDims,
+    train_rows: int | None,
+    teacher_pending: bool = False,
+) -> RunPlan:
+    """The plan from the models' dims; the one place the layer map is resolved and k is range-checked.
+
+    teacher_pending: a needed teacher that does not exist yet (``preflight(teacher_missing_ok=True)``): no
+    layer map and no k range, instead of an error."""
     terms = ["task"] if cfg.task.weight > 0 else []
     if cfg.kd.loss != "none" and cfg.kd.weight > 0:
         terms.append("kd")
@@ -99,7 +121,7 @@ def make_plan(cfg: Config, teacher: ModelDims | None, student: ModelDims, train_
                 f"selection.k: {k} is out of range; it must be 1..{min(teacher.hidden, student.hidden)} "
                 f"(min of teacher hidden {teacher.hidden}, student hidden {student.hidden})"
             )
-    elif uses_teacher(cfg):
+    elif uses_teacher(cfg) and not teacher_pending:
         raise ConfigError(f"teacher.path: {cfg.teacher.path} is needed by this run and could not be read")
     notes = []
     if cfg.kd.top_k and cfg.data.task != "classification" and cfg.kd.loss in ("rkl", "srkl", "jsd"):

@@ -11,7 +11,13 @@ import shutil
 from pathlib import Path
 
 from flexkd import artifacts, signals
-from flexkd.checks import check_teacher_recipe, missing_teacher, preflight, teacher_ready
+from flexkd.checks import (
+    check_data,
+    check_teacher_recipe,
+    missing_teacher,
+    preflight,
+    teacher_ready,
+)
 from flexkd.config import Config, ConfigError, dump_yaml, uses_selection, uses_teacher
 from flexkd.plan import RunPlan
 from flexkd.reporting import RunRecorder, progress_sinks
@@ -20,7 +26,11 @@ log = logging.getLogger("flexkd")
 
 
 def teacher_recipe(cfg: Config) -> Config:
-    """The config that fine-tunes the teacher: plain SFT of teacher.base (or teacher.arch) on the same data."""
+    """The config that fine-tunes the teacher: plain SFT of teacher.base (or teacher.arch) on the same data.
+
+    The fine-tune's own settings are the teacher.* keys (steps, lr, batch_size, warmup_steps, schedule,
+    max_length, eval_every); weight decay, clipping, train.log_every, eval.* and run.seed / precision are the
+    run's."""
     tokenizer = cfg.teacher.tokenizer or cfg.teacher.base
     return dataclasses.replace(
         cfg,
@@ -29,18 +39,27 @@ def teacher_recipe(cfg: Config) -> Config:
         ),
         # The SFT run reads its tokenizer through teacher.path and never loads a teacher model.
         teacher=dataclasses.replace(cfg.teacher, path=tokenizer, auto_prepare=False),
-        student=dataclasses.replace(cfg.student, path=cfg.teacher.base, arch=dict(cfg.teacher.arch)),
+        student=dataclasses.replace(
+            cfg.student, path=cfg.teacher.base, arch=dict(cfg.teacher.arch), tokenizer=""
+        ),
         kd=dataclasses.replace(cfg.kd, loss="none", weight=0.0),
         feature=dataclasses.replace(cfg.feature, loss="none", weight=0.0),
         task=dataclasses.replace(cfg.task, weight=1.0),
-        data=dataclasses.replace(cfg.data, max_train_examples=0),
-        optim=dataclasses.replace(cfg.optim, lr=cfg.teacher.lr),
+        data=dataclasses.replace(
+            cfg.data, max_train_examples=0, max_length=cfg.teacher.max_length or cfg.data.max_length
+        ),
+        optim=dataclasses.replace(
+            cfg.optim,
+            lr=cfg.teacher.lr,
+            warmup_steps=cfg.teacher.warmup_steps,
+            schedule=cfg.teacher.schedule,
+        ),
         train=dataclasses.replace(
             cfg.train,
             steps=cfg.teacher.steps,
             batch_size=cfg.teacher.batch_size,
             grad_accum=1,
-            eval_every=0,
+            eval_every=cfg.teacher.eval_every,
             checkpoint_every=0,
         ),
         scaling=dataclasses.replace(cfg.scaling, num_workers=0),
@@ -61,7 +80,14 @@ def prepare_teacher(cfg: Config, quiet: bool = False) -> dict:
     work = dest.with_name(dest.name + ".partial")
     if work.exists():
         shutil.rmtree(work)
-    log.info("fine-tuning the teacher into %s (%d steps)", dest, recipe.train.steps)
+    every = recipe.train.eval_every
+    log.info(
+        "fine-tuning the teacher into %s (%d steps, %s)",
+        dest,
+        recipe.train.steps,
+        f"validation every {every} steps" if every else "validation at the end",
+    )
+    log.info("%s", describe_data(recipe))
     recorder = RunRecorder(work, progress_sinks(recipe.train.steps, quiet), config_text=dump_yaml(recipe))
     metrics = train(recipe, recorder)
     student = recorder.checkpoint_dir / artifacts.STUDENT
@@ -73,6 +99,13 @@ def prepare_teacher(cfg: Config, quiet: bool = False) -> dict:
     (work / "model").rename(dest)
     shutil.rmtree(work)
     return metrics
+
+
+def describe_data(cfg: Config) -> str:
+    """The run's ``data: train <- ...`` line: where each split comes from (``flexkd.data.split_origins``)."""
+    from flexkd.data import origin_line
+
+    return origin_line(check_data(cfg)[3])
 
 
 def ensure_teacher(cfg: Config, quiet: bool = False) -> None:

@@ -28,6 +28,26 @@ if TYPE_CHECKING:
     from flexkd.scorecache import ScoreCache
 
 log = logging.getLogger("flexkd")
+PROGRESS_EVERY_S = 5.0  # seconds between the scoring pass's progress lines
+
+
+class ScoringProgress:
+    """``score_units``'s progress callback: a ``scoring: 24/64 batches, 10s elapsed, eta 17s`` line on the
+    ``flexkd`` logger (stderr on the CLI; --quiet silences it) every ``every_s`` seconds, rank 0 only."""
+
+    def __init__(self, total: int, every_s: float | None = None, clock=time.perf_counter):
+        self.total, self.clock = total, clock
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.start = self.last = clock()
+
+    def __call__(self, done: int) -> None:
+        now = self.clock()
+        if done >= self.total or now - self.last < self.every_s or rank() != 0:
+            return  # the last batch is followed by the "scored ..." line
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / done * (self.total - done)
+        log.info("scoring: %d/%d batches, %.0fs elapsed, eta %.0fs", done, self.total, elapsed, eta)
 
 
 def compute_scores(bench: Workbench, teacher_layers: list[int], cache: ScoreCache | None = None) -> ScoreSet:
@@ -44,8 +64,21 @@ def compute_scores(bench: Workbench, teacher_layers: list[int], cache: ScoreCach
         mine = shard_batches(len(examples), cfg.scoring.batch_size, rank(), world_size())
         teacher = bench.load_teacher()  # a run from cached signals loads it for this pass only
         start = time.perf_counter()
+        if rank() == 0:
+            log.info(
+                "scoring %d examples on teacher layers %s: %d batches of %d%s",
+                len(examples),
+                teacher_layers,
+                len(mine),
+                cfg.scoring.batch_size,
+                f" per worker ({world_size()} workers)" if world_size() > 1 else "",
+            )
         scores = score_units(
-            teacher, (bench.batch([examples[i] for i in r]) for r in mine), teacher_layers, dim
+            teacher,
+            (bench.batch([examples[i] for i in r]) for r in mine),
+            teacher_layers,
+            dim,
+            progress=ScoringProgress(len(mine)),
         )
         if is_distributed():
             scores = scores.unflatten(all_reduce_sum(scores.flatten()))

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig
 
 from flexkd.checks import teacher_ready
-from flexkd.config import Config, ConfigError
+from flexkd.config import Config, ConfigError, uses_teacher
 from flexkd.data import TaskData, collate, encode, load_task_data
 from flexkd.distributed import is_distributed
 from flexkd.models import load_teacher, student_tokenizer, teacher_tokenizer
@@ -46,7 +46,8 @@ class Workbench:
                 t_ids = encode(row, self.tok_t, self.cfg.data, self.data.label_names)["input_ids"]
                 if len(t_ids) != len(ex["input_ids"]):
                     raise ConfigError(
-                        f"student.path: teacher and student tokenizers split example {i} differently "
+                        f"{'student.path' if self.cfg.student.path else 'student.tokenizer'}: teacher and "
+                        f"student tokenizers split example {i} differently "
                         f"({len(t_ids)} vs {len(ex['input_ids'])} tokens); positions must align one to one"
                     )
                 ex["teacher_input_ids"] = t_ids
@@ -71,9 +72,12 @@ class Workbench:
 
 def open_tokenizers(cfg: Config):
     """(teacher tokenizer, student tokenizer); one object when they hold one vocabulary (encode once)."""
+    if not uses_teacher(cfg) and (cfg.student.path or cfg.student.tokenizer):
+        tok_s = student_tokenizer(cfg, None)  # SFT of a student with its own tokenizer reads no teacher
+        return tok_s, tok_s
     tok_t = teacher_tokenizer(cfg)
     tok_s = student_tokenizer(cfg, tok_t)
-    if cfg.student.path and tok_s.get_vocab() == tok_t.get_vocab():
+    if tok_s is not tok_t and tok_s.get_vocab() == tok_t.get_vocab():
         tok_s = tok_t
     return tok_t, tok_s
 

@@ -64,3 +64,31 @@ def other_tokenizer():
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def mlflow_server(store: Path, port: int, env: dict):
+    """A real `mlflow server` on 127.0.0.1:``port`` over an SQLite store and an artifact folder in ``store``,
+    in its own process group (the server and its uvicorn worker end together with ``os.killpg``)."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{store}/mlflow.db",
+            "--artifacts-destination",
+            str(store / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )

@@ -24,6 +24,8 @@ import requests
 from tuning import tracking
 from tuning.submit import EXCLUDES
 
+from .fixtures import mlflow_server
+
 pytestmark = pytest.mark.slow
 VENV_BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,27 +170,7 @@ def cluster():
 
         store = temp / "mlflow"
         store.mkdir()
-        mlflow_env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        procs["mlflow"] = subprocess.Popen(
-            [
-                str(VENV_BIN / "mlflow"),
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{store}/mlflow.db",
-                "--artifacts-destination",
-                str(store / "artifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(mlflow_port),
-                "--workers",
-                "1",
-            ],
-            env=mlflow_env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        procs["mlflow"] = mlflow_server(store, mlflow_port, env)
         uri = f"http://127.0.0.1:{mlflow_port}"
         wait_for(lambda: requests.get(f"{uri}/health", timeout=3).ok, 180, "the MLflow server")
         yield {"address": address, "token": token, "uri": uri, "env": env, "temp": temp}

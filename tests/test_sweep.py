@@ -16,7 +16,7 @@ import yaml
 
 from flexkd import demo
 from flexkd.config import ConfigError, load_config
-from tuning import tracking
+from tuning import reaper, tracking
 from tuning.space import DefineByRun, describe, load_sweep, parse_space, trial_overrides
 
 
@@ -294,23 +294,6 @@ def test_sweep_with_asha_and_train_workers_records_everything(ray_cluster, disk,
     assert len(tracking.children(uri, parent.info.run_id, summary["experiment_id"])) == 3
 
 
-def _children_of(pid: int) -> list[int]:
-    """Every descendant of ``pid``, read from /proc (Ray's daemons, its workers, the trial processes)."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def test_a_killed_sweep_driver_resumes_with_exactly_the_planned_trials(disk, tmp_path):
     path = write_sweep(
         tmp_path / "resume.yaml",
@@ -337,30 +320,38 @@ def test_a_killed_sweep_driver_resumes_with_exactly_the_planned_trials(disk, tmp
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
     uri = f"sqlite:///{tmp_path / 'flexkd-runs' / 'mlflow.db'}"
-    ours: set[int] = set()
+    driver_start = {driver.pid: reaper._stat(driver.pid)[1]}
+    ours: dict[int, int] = {}  # pid -> start time of every process below the driver (Ray's included)
+    half: list[str] = []  # runs in flight when the driver dies
     deadline = time.time() + 600
     finished = 0
     try:
         while time.time() < deadline and driver.poll() is None:
-            ours.update(_children_of(driver.pid))
+            ours.update(reaper.descendants(driver_start))
             pointer = tmp_path / "flexkd-runs" / "sweeps" / "resume.latest.json"
             if pointer.exists():
                 state = json.loads(pointer.read_text())
                 runs = tracking.children(uri, state["parent_id"], state["experiment_id"])
                 finished = sum(r.info.status == "FINISHED" for r in runs)
-                if finished >= 1 and any(r.info.status == "RUNNING" for r in runs):
+                half = [r.info.run_id for r in runs if r.info.status == "RUNNING"]
+                if finished >= 1 and half:
                     break  # one trial done, the next one in flight: kill the driver now
             time.sleep(1)
+        ours.update(reaper.descendants(driver_start))
     finally:
-        ours.update(_children_of(driver.pid))
-        os.kill(driver.pid, signal.SIGKILL)  # the sweep driver, and below every process it started, by pid
+        os.kill(driver.pid, signal.SIGKILL)  # the driver alone: what it started must end without help
         driver.wait()
-        time.sleep(2)
-        for pid in ours:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    left = reaper.alive(ours)
+    gone_by = time.time() + 30
+    while left and time.time() < gone_by:
+        time.sleep(1)
+        left = reaper.alive(left)
+    names = {
+        pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left if Path(f"/proc/{pid}").exists()
+    }
+    reaper.end(left)  # whatever the assertion says, leave nothing behind
+    assert not left, f"orphans of the killed driver: {names}"
+    assert len(ours) > 5  # Ray's processes were seen (gcs, raylet, agents, the trial's workers)
     assert finished >= 1, driver.stdout.read().decode()[-3000:] if driver.stdout else ""
     done = subprocess.run(
         [*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
@@ -374,6 +365,10 @@ def test_a_killed_sweep_driver_resumes_with_exactly_the_planned_trials(disk, tmp
     board = (tmp_path / "flexkd-runs" / "sweeps" / "resume-leaderboard.csv").read_text().splitlines()
     assert len(board) == 1 + 4
     assert all(r.data.tags[tracking.OUTCOME_TAG] == "completed" for r in runs)
+    client = tracking.client(uri)
+    for run_id in half:  # the half-written run is replaced by its trial's rerun, not left beside it
+        assert client.get_run(run_id).info.lifecycle_stage == "deleted"
+        assert run_id not in {r.info.run_id for r in runs}
 
 
 def test_a_failing_trial_is_recorded_as_failed_and_the_sweep_goes_on(

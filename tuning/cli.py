@@ -24,6 +24,7 @@ import sys
 from flexkd.config import ConfigError, dump_yaml, key_docs, load_config, preset_names
 
 EXIT_CONFIG = 2
+log = logging.getLogger("flexkd")
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -62,14 +63,27 @@ def cmd_show(args) -> int:
     print(dump_yaml(cfg), end="")
     if args.check:
         from flexkd.checks import preflight, teacher_ready
+        from flexkd.config import uses_teacher
         from flexkd.signals import attach
 
-        plan = preflight(cfg)
+        plan = preflight(cfg, teacher_missing_ok=True)
         if teacher_ready(cfg):
             attach(cfg, plan)
         print(f"# checks passed: {plan.describe()}")
+        print(f"# {plan.data}")
         for note in plan.notes:
             print(f"# note: {note}")
+        if plan.pending:
+            print(f"# not checked until the teacher exists: {'; '.join(plan.pending)}")
+        if uses_teacher(cfg) and not teacher_ready(cfg) and not cfg.teacher.auto_prepare:
+            command = " ".join(["flexkd teacher", args.config, *args.overrides])
+            how = (
+                f"make it with `{command}`, or set teacher.auto_prepare=true"
+                if cfg.teacher.base or cfg.teacher.arch
+                else "give teacher.base or teacher.arch and run `flexkd teacher` (or set teacher.auto_prepare=true), "
+                "or point teacher.path at a fine-tuned model"
+            )
+            print(f"# teacher.path: {cfg.teacher.path} does not exist yet; {how}")
     return 0
 
 
@@ -87,6 +101,7 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     plan = preflight(cfg)  # before torch or Ray is imported: a bad input fails in a fraction of a second
+    log.info("%s", plan.data)
     if plan.workers >= 1:
         from tuning.ray_train import fit
 
@@ -105,6 +120,7 @@ def cmd_score(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     plan = check_scoring(cfg)
+    log.info("%s", plan.data)
     if plan.workers >= 1:
         from tuning.ray_train import score
 
@@ -164,9 +180,16 @@ def cmd_signals(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from flexkd.runs import evaluate_saved
+    from flexkd.checks import check_data, check_label_count, check_model_folder
 
     cfg = load_config(args.config, args.overrides)
+    check_model_folder(args.model, cfg.data.task)  # before torch: a wrong folder fails at once
+    if cfg.data.task == "classification":
+        check_label_count("--model", args.model, check_data(cfg)[2])
+    else:
+        check_data(cfg)
+    from flexkd.runs import evaluate_saved
+
     _print_json(evaluate_saved(cfg, args.model, args.split))
     return 0
 
@@ -175,8 +198,11 @@ def cmd_sweep(args) -> int:
     from tuning.space import check_space_files, describe, load_sweep
 
     spec, raw = load_sweep(args.config, args.overrides)
+    plan = check_space_files(
+        spec
+    )  # before Ray, MLflow or even their imports: a bad sweep file writes nothing
+    log.info("%s (the base config's)", plan.data)
     if args.dry_run:
-        check_space_files(spec)
         print(describe(spec))
         return 0
     from tuning.sweep import run_sweep
@@ -305,11 +331,19 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     _setup_logging(args.quiet)
+    from tuning.session import split_uri_credentials
+    from tuning.submit import redact
+    from tuning.tracking import SweepRecordsError
+
+    split_uri_credentials()  # user:password@ of the tracking URI -> MLFLOW_TRACKING_USERNAME/PASSWORD
     try:
         return args.fn(args)
     except ConfigError as err:
-        print(f"flexkd: error: {err}", file=sys.stderr)
+        print(f"flexkd: error: {redact(str(err))}", file=sys.stderr)  # e.g. a tracking URI's userinfo
         return EXIT_CONFIG
+    except SweepRecordsError as err:
+        print(f"flexkd: error: {redact(str(err))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             "flexkd: interrupted; checkpoints written so far are kept (flexkd train ... --resume)",

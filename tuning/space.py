@@ -26,12 +26,22 @@ Every key and every value a parameter can take is checked against the run config
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from flexkd.config import Config, ConfigError, from_dict, read_config_dict, to_dict, valid_keys
+from flexkd.config import (
+    Config,
+    ConfigError,
+    check_run_name,
+    from_dict,
+    read_config_dict,
+    to_dict,
+    valid_keys,
+)
 from flexkd.dotted import build_dataclass, dotted, merge, parse_overrides, read_yaml
 from flexkd.plan import RunPlan
 
@@ -45,6 +55,11 @@ class SweepObjective:
     """Metric the sweep optimises (a key the loop reports at evaluation, e.g. val/accuracy, val/rouge_l)."""
     mode: str = "max"
     """max | min."""
+
+
+# What every trial reports at its end besides val/* and test/* (flexkd/footprint.py): objectives too.
+FOOTPRINT_METRICS = ("perf/student_params", "perf/student_mb", "perf/latency_ms", "perf/throughput")
+SAMPLERS = ("tpe", "nsga2")
 
 
 @dataclass
@@ -80,12 +95,18 @@ class SweepSpec:
     name: str = ""
     """Sweep name (default: the file's name)."""
     base: str = ""
-    """Run preset or YAML file every trial starts from."""
+    """Run preset or YAML file every trial starts from (a relative path: relative to the sweep file)."""
     overrides: list = field(default_factory=list)
     """key=value overrides of the base, the same for every trial."""
     space: dict = field(default_factory=dict)
     """Search space over dotted run-config keys (see tuning/space.py)."""
     objective: SweepObjective = field(default_factory=SweepObjective)
+    objectives: list = field(default_factory=list)
+    """Several objectives, [{metric, mode}, ...] (e.g. val/accuracy max, perf/latency_ms min): the sweep's
+    answer is then the Pareto front; the first one also serves as `objective` (the leaderboard's order,
+    `champion`). Empty: the single `objective`."""
+    sampler: str = "tpe"
+    """Optuna sampler: tpe (TPE; multi-objective TPE with several objectives) | nsga2 (NSGA-II). Seeded."""
     trials: int = 8
     """Number of trials."""
     concurrency: int = 1
@@ -101,6 +122,17 @@ class SweepSpec:
     """Where Tune keeps the sweep (absolute path or URI); empty: ./flexkd-runs/sweeps."""
 
     # Worked out once from the fields above (not fields themselves: a sweep file cannot set them).
+    @property
+    def goals(self) -> list[SweepObjective]:
+        """The objectives, first one first: ``objectives`` when given, else ``[objective]``."""
+        if not self.objectives:
+            return [self.objective]
+        return [build_dataclass(SweepObjective, dict(o)) for o in self.objectives]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.goals) > 1
+
     @cached_property
     def params(self) -> list[Param]:
         """The space, parsed."""
@@ -158,7 +190,13 @@ def load_sweep(name: str, overrides: list[str] = ()) -> tuple[SweepSpec, dict]:
     data.setdefault("name", path.stem)
     spec = build_dataclass(SweepSpec, data)
     spec.overrides = [*spec.overrides, *run_over]
+    beside = path.parent / Path(spec.base).expanduser() if spec.base else None
+    if beside is not None and beside.is_file():
+        spec.base = str(beside.resolve())  # a relative base is relative to the sweep file, as extends: is
+    if "objective" in data and spec.objectives:
+        raise ConfigError("objective: give `objective` (one) or `objectives` (several), not both")
     check_sweep(spec)
+    spec.objective = spec.goals[0]  # the first objective orders the leaderboard and picks `champion`
     return spec, raw
 
 
@@ -187,6 +225,12 @@ def parse_space(space: dict) -> list[Param]:
             raise ConfigError(f"{where}.choice: expected a non-empty list")
         if kind == "bundles" and not (isinstance(args, dict) and args):
             raise ConfigError(f"{where}.bundles: expected a mapping of name -> {{key: value}}")
+        if kind == "bundles":
+            for bundle, keys in args.items():
+                if not isinstance(keys, dict) or not keys:
+                    raise ConfigError(
+                        f"{where}.bundles.{bundle}: expected a mapping of run keys to values, got {keys!r}"
+                    )
         if kind in ("uniform", "loguniform", "int"):
             if not (isinstance(args, list) and len(args) == 2):
                 raise ConfigError(f"{where}.{kind}: expected [low, high]")
@@ -236,18 +280,54 @@ def param_values(param: Param) -> list[dict]:
     return [{param.name: v} for v in param.args]
 
 
+def check_objectives(spec: SweepSpec) -> None:
+    """Objectives name metrics the trials report; several objectives go with scheduler none only."""
+    if not isinstance(spec.objectives, list) or not all(isinstance(o, dict) for o in spec.objectives):
+        raise ConfigError("objectives: expected a list of {metric: ..., mode: max|min}")
+    for i, o in enumerate(spec.objectives):
+        unknown = set(o) - {"metric", "mode"}
+        if unknown or "metric" not in o:
+            raise ConfigError(f"objectives[{i}]: expected {{metric: ..., mode: max|min}}, got {o!r}")
+    where = "objectives[{}]" if spec.objectives else "objective"
+    goals = spec.goals
+    if len(goals) > 1 and spec.scheduler.name != "none":
+        raise ConfigError(
+            f"scheduler.name: {spec.scheduler.name} ranks trials by one metric; with {len(goals)} objectives "
+            "use scheduler.name=none (Ray Tune's early-stopping schedulers, ASHA among them, take a single "
+            "metric and mode)"
+        )
+    for i, goal in enumerate(goals):
+        key = where.format(i)
+        if goal.mode not in ("max", "min"):
+            raise ConfigError(f"{key}.mode: {goal.mode!r}; choose max or min")
+        footprint = goal.metric in FOOTPRINT_METRICS or (
+            goal.metric.startswith("perf/latency_b") and goal.metric.endswith("_ms")
+        )
+        if not (goal.metric.startswith(("val/", "test/")) or footprint):
+            raise ConfigError(
+                f"{key}.metric: {goal.metric!r}; the loop reports val/... and test/... metrics at evaluation, "
+                f"and at its end {', '.join(FOOTPRINT_METRICS)} and perf/latency_b<batch>_ms"
+            )
+        if spec.scheduler.name == "asha" and (footprint or goal.metric.startswith("test/")):
+            raise ConfigError(
+                f"{key}.metric: {goal.metric} is reported once, at a trial's end; ASHA compares trials at "
+                "every evaluation: set scheduler.name=none"
+            )
+    metrics = [g.metric for g in goals]
+    if len(set(metrics)) != len(metrics):
+        raise ConfigError(f"objectives: a metric appears twice ({metrics})")
+
+
 def check_sweep(spec: SweepSpec) -> None:
     """Every key and every value of the space must make a valid run config (static checks, no files)."""
+    check_run_name("name", spec.name)  # the sweep's folder and its trials' run names
     if not spec.base:
         raise ConfigError("base: the sweep names no base run config (a preset such as demo, or a YAML file)")
-    if spec.objective.mode not in ("max", "min"):
-        raise ConfigError(f"objective.mode: {spec.objective.mode!r}; choose max or min")
-    if not spec.objective.metric.startswith(("val/", "test/")):
-        raise ConfigError(
-            f"objective.metric: {spec.objective.metric!r}; the loop reports val/... and test/... metrics at evaluation"
-        )
+    check_objectives(spec)
     if spec.scheduler.name not in ("asha", "none"):
         raise ConfigError(f"scheduler.name: {spec.scheduler.name!r}; choose asha or none")
+    if spec.sampler not in SAMPLERS:
+        raise ConfigError(f"sampler: {spec.sampler!r}; choose {' or '.join(SAMPLERS)}")
     for key in ("trials", "concurrency"):
         if getattr(spec, key) < 1:
             raise ConfigError(f"{key}: must be >= 1")
@@ -284,21 +364,111 @@ def check_sweep(spec: SweepSpec) -> None:
                 raise ConfigError(f"space.{param.name}: {assignment}: {err}") from None
 
 
-def check_space_files(spec: SweepSpec) -> RunPlan:
-    """The file-level checks (models, tokenizers, data, layer ranges, k) for every value of the space;
-    returns the base run's plan."""
+def local_cpus(num_cpus: int | None = None) -> int | None:
+    """CPUs of the private local Ray cluster a sweep starts or already runs in (None on a real cluster:
+    RAY_ADDRESS is set, and it may autoscale). Read without starting Ray: the cluster this process already
+    started if there is one, else ``num_cpus``, else this machine's count."""
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    ray = sys.modules.get("ray")  # imported only if something here already uses Ray
+    if ray is not None and ray.is_initialized():
+        return int(ray.cluster_resources().get("CPU", 0)) or None
+    return num_cpus or os.cpu_count() or 1
+
+
+def check_sweep_resources(spec: SweepSpec, plan: RunPlan, cpus: int | None) -> None:
+    """On a local cluster, a trial that can never start, or more trials at once than fit, is an error now:
+    Ray would otherwise wait for CPUs that never come (after the parent run is written)."""
+    if cpus is None:
+        return
+    per_trial = spec.resources.cpus_per_trial
+    if per_trial > cpus:
+        raise ConfigError(
+            f"resources.cpus_per_trial: {per_trial:g} CPUs per trial; this machine has {cpus} "
+            "(a local Ray cluster has the machine's CPUs)"
+        )
+    need = per_trial + plan.cpus_needed
+    if plan.workers and need > cpus:
+        raise ConfigError(
+            f"scaling.num_workers: {plan.workers} workers x {plan.cpus_per_worker} CPU + {per_trial:g} for the "
+            f"trial need {need:g} CPUs; this machine has {cpus} (lower scaling.cpus_per_worker or the worker count)"
+        )
+    if spec.concurrency * need > cpus:
+        raise ConfigError(
+            f"concurrency: {spec.concurrency} trials at once x {need:g} CPUs each need {spec.concurrency * need:g}; "
+            f"this machine has {cpus} (at most {max(1, int(cpus // need))} at once)"
+        )
+
+
+def check_space_files(spec: SweepSpec, cpus: int | None = -1, num_cpus: int | None = None) -> RunPlan:
+    """The file-level checks (models, tokenizers, data, layer ranges, k) and the resources (on a local
+    cluster: ``cpus``, default this machine's; None: do not check) for every value of the space; returns
+    the base run's plan."""
     from flexkd.checks import preflight
 
+    cpus = local_cpus(num_cpus) if cpus == -1 else cpus
     base = spec.base_config
     plan = preflight(from_dict(base))
+    check_sweep_resources(spec, plan, cpus)
     space_configs(spec)  # refuses ranges over keys the teacher signals depend on
     for param in spec.params:
         for assignment in param_values(param):
             try:
-                preflight(from_dict(merge(base, dotted(assignment))))
+                value_plan = preflight(from_dict(merge(base, dotted(assignment))))
+                check_sweep_resources(spec, value_plan, cpus)
             except ConfigError as err:
                 raise ConfigError(f"space.{param.name}: {assignment}: {err}") from None
+    check_shapes(spec, base)
     return plan
+
+
+SHAPE_KEYS = ("student.", "selection.k", "feature.layers")
+MAX_SHAPES = 4096
+
+
+def _shape_param(param: Param) -> bool:
+    keys = list(param.args.values()) if param.kind == "bundles" else [{param.name: None}]
+    return any(k.startswith(SHAPE_KEYS) for b in keys for k in b)
+
+
+def _every_value(param: Param) -> list[dict]:
+    """Every value of an int range (its ends elsewhere): a hidden size of 40 may not divide by the heads
+    where 32 and 64 do."""
+    if param.kind == "int":
+        low, high = param.args
+        values = list(range(low, high + 1, int(param.step or 1)))
+        if len(values) <= 256:
+            return [{param.name: v} for v in values]
+    return param_values(param)
+
+
+def check_shapes(spec: SweepSpec, base: dict) -> None:
+    """Every combination of the values of the parameters that shape the student or its alignment (student
+    folder or architecture, k, the layer map) must make a valid run together: heads that divide the hidden
+    size, a k within both hidden sizes, a layer map within both models. Checked by the same pre-flight as a
+    run, without Ray; up to MAX_SHAPES combinations (a larger product: each value alone, as above)."""
+    import itertools
+
+    from flexkd.checks import preflight
+
+    shape = [p for p in spec.params if _shape_param(p)]
+    grids = [_every_value(p) for p in shape]
+    count = 1
+    for g in grids:
+        count *= len(g)
+    if not shape or (len(shape) == 1 and len(grids[0]) == len(param_values(shape[0]))):
+        return  # at most one such parameter, and each of its values was checked already
+    if count > MAX_SHAPES:
+        return  # each value alone was checked; the whole product would take too long here
+    for combo in itertools.product(*grids):
+        assignment: dict = {}
+        for part in combo:
+            assignment.update(part)
+        try:
+            preflight(from_dict(merge(base, dotted(assignment))))
+        except ConfigError as err:
+            together = ", ".join(f"{k}={v}" for k, v in assignment.items())
+            raise ConfigError(f"space: {together} (one combination the search can draw): {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -421,7 +591,12 @@ def describe(spec: SweepSpec) -> str:
     lines = [
         f"sweep {spec.name}: {spec.trials} trials, {spec.concurrency} at a time, seed {spec.seed}",
         f"base: {spec.base} + {spec.overrides or 'no overrides'}",
-        f"objective: {spec.objective.mode} {spec.objective.metric}",
+        (
+            "objectives (Pareto front): " + ", ".join(f"{g.mode} {g.metric}" for g in spec.goals)
+            if spec.multi
+            else f"objective: {spec.objective.mode} {spec.objective.metric}"
+        )
+        + f"; sampler {spec.sampler}",
         f"scheduler: {spec.scheduler.name}"
         + (
             f" (grace {spec.scheduler.grace_period} evaluations, reduction {spec.scheduler.reduction_factor})"

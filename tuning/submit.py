@@ -23,6 +23,8 @@ from pathlib import Path
 
 from flexkd.config import ConfigError
 
+# Never uploaded (gitignore-style patterns, as Ray's runtime_env ``excludes``): tool and run folders, files
+# that hold secrets, weights and archives. Virtualenvs of any name are added per tree (``upload_excludes``).
 EXCLUDES = [
     ".venv",
     "venv",
@@ -32,27 +34,134 @@ EXCLUDES = [
     "mlruns",
     "mlartifacts",
     "**/__pycache__",
-    "*.pt",
-    "*.safetensors",
-    "*.bin",
     ".pytest_cache",
     ".ruff_cache",
     "*.egg-info",
     "build",
     "dist",
-    ".whl",
+    # secrets
+    ".env",
+    "*.env",
+    ".env.*",
+    ".netrc",
+    ".git-credentials",
+    "*.pem",
+    "*.key",
+    # weights and archives
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.bin",
+    "*.safetensors",
+    "*.gguf",
+    "*.onnx",
+    "*.whl",
+    "*.tar",
+    "*.tar.gz",
+    "*.tgz",
+    "*.zip",
 ]
-SECRET = re.compile(r"(PASSWORD|TOKEN|SECRET|KEY|CREDENTIAL)", re.IGNORECASE)
+# One list of what a secret's name looks like; every request, env dict, log line and error shown is masked
+# by it.
+SECRET_NAMES = (
+    "PASSWORD",
+    "PASSWD",
+    "PASS",
+    "PWD",
+    "TOKEN",
+    "SECRET",
+    "CREDENTIAL",
+    "KEY",
+    "AUTH",
+    "PRIVATE",
+    "COOKIE",
+    "SIGNATURE",
+)
+SECRET = re.compile(r"[A-Za-z0-9_.\-]*(?:" + "|".join(SECRET_NAMES) + r")[A-Za-z0-9_.\-]*", re.IGNORECASE)
+NOT_SECRET = {"PWD", "OLDPWD", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "KEY"}  # names, not values
+
+
+def is_secret_name(name: str) -> bool:
+    return name.upper() not in NOT_SECRET and SECRET.fullmatch(name) is not None
+
+
+def mask_env(env: dict) -> dict:
+    """A copy of an env dict with the values of secret-looking names masked."""
+    return {k: "***" if is_secret_name(k) and v else v for k, v in env.items()}
 
 
 def redact(text: str) -> str:
-    """Mask what looks like a credential in a line of text: ``user:pass@`` in URLs, bearer tokens, and
-    ``NAME=value`` / ``"NAME": "value"`` where NAME mentions a password, token, secret or key."""
+    """Mask what looks like a credential in text: ``user:pass@`` in URLs, bearer/basic tokens, and
+    ``NAME=value`` / ``NAME: value`` / ``"NAME": "value"`` where NAME looks like a secret (``SECRET_NAMES``)."""
     text = re.sub(r"(://[^/:@\s]+):[^@/\s]+@", r"\1:***@", text)
-    text = re.sub(r"(?i)(bearer\s+)[A-Za-z0-9._\-]+", r"\1***", text)
-    text = re.sub(r"(?i)\b(\w*(?:password|token|secret|key)\w*)=(\S+)", r"\1=***", text)
-    text = re.sub(r'(?i)("\w*(?:password|token|secret|key)\w*"\s*:\s*)"[^"]*"', r'\1"***"', text)
+    text = re.sub(r"(?i)\b(bearer|basic|token)(\s+)[A-Za-z0-9._~+/=\-]+", r"\1\2***", text)
+
+    def quoted(m: re.Match) -> str:  # "NAME": "value"
+        return m.group(1) + ('"***"' if is_secret_name(m.group(2)) else m.group(3))
+
+    def bare(m: re.Match) -> str:  # NAME=value
+        return m.group(1) + ("***" if is_secret_name(m.group(2)) else m.group(3))
+
+    text = re.sub(r'("([\w.\-]+)"\s*:\s*)("[^"]*")', quoted, text)
+    text = re.sub(r"(\b([A-Za-z_][\w.\-]*)=)(\"[^\"]*\"|'[^']*'|[^\s,;&]+)", bare, text)
     return text
+
+
+def upload_excludes(root: Path) -> list[str]:
+    """``EXCLUDES`` plus every virtualenv under ``root`` (a folder holding ``pyvenv.cfg``, whatever its name)."""
+    out = list(EXCLUDES)
+    for cfg in sorted(root.rglob("pyvenv.cfg")):
+        rel = cfg.parent.relative_to(root).as_posix()
+        out.append(f"/{rel}/" if rel != "." else "/*")
+    return out
+
+
+def upload_listing(root: Path, excludes: list[str]) -> list[tuple[str, int]]:
+    """(relative path, bytes) of each file Ray would upload from ``root`` with ``excludes`` (Ray's own
+    gitignore-style matcher when importable)."""
+    try:
+        from ray._private.runtime_env.packaging import _get_excludes
+
+        excluded = _get_excludes(root, excludes)
+    except ImportError:  # Ray's matcher is pathspec's gitwildmatch
+        from pathspec import PathSpec
+
+        spec = PathSpec.from_lines("gitwildmatch", excludes)
+
+        def excluded(p: Path) -> bool:
+            return spec.match_file(str(p.relative_to(root)))
+
+    files = []
+    for folder, dirs, names in os.walk(root):
+        here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if not excluded(here / d))
+        for name in sorted(names):
+            path = here / name
+            if not excluded(path) and path.is_file():
+                files.append((path.relative_to(root).as_posix(), path.stat().st_size))
+    return files
+
+
+def upload_limit() -> int:
+    try:
+        from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+
+        return int(GCS_STORAGE_MAX_SIZE)
+    except ImportError:
+        return 512 * 1024 * 1024
+
+
+def check_upload(root: Path, excludes: list[str]) -> tuple[int, int]:
+    """(files, bytes) of the upload; ConfigError above Ray's package limit."""
+    files = upload_listing(root, excludes)
+    size = sum(n for _, n in files)
+    if size >= upload_limit():
+        biggest = ", ".join(f"{p} ({n / 2**20:.0f} MiB)" for p, n in sorted(files, key=lambda f: -f[1])[:3])
+        raise ConfigError(
+            f"--working-dir: {root} would upload {len(files)} files, {size / 2**20:.0f} MiB, over Ray's "
+            f"{upload_limit() / 2**20:.0f} MiB package limit (largest: {biggest}); move them out or exclude them"
+        )
+    return len(files), size
 
 
 def project_root() -> Path | None:
@@ -126,7 +235,7 @@ def build_request(
     runtime_env: dict = {"env_vars": env_vars}
     if root is not None:
         runtime_env["working_dir"] = str(root)
-        runtime_env["excludes"] = list(EXCLUDES)
+        runtime_env["excludes"] = upload_excludes(root)
     if pip:
         runtime_env["pip"] = list(pip)
     words = ["python", "-m", "tuning.cli", "sweep", sweep_arg, *overrides]
@@ -141,7 +250,14 @@ def build_request(
 
 
 def show(request: dict) -> str:
-    return redact(json.dumps(request, indent=1))
+    """The request as JSON, secrets masked, and what its working_dir upload holds."""
+    runtime_env = dict(request["runtime_env"])
+    runtime_env["env_vars"] = mask_env(runtime_env.get("env_vars", {}))
+    text = redact(json.dumps({**request, "runtime_env": runtime_env}, indent=1))
+    if "working_dir" in runtime_env:
+        count, size = check_upload(Path(runtime_env["working_dir"]), runtime_env["excludes"])
+        text += f"\nupload: {count} files, {size / 2**20:.2f} MiB from {runtime_env['working_dir']}"
+    return text
 
 
 def client(address: str):

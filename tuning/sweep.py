@@ -57,17 +57,19 @@ class SweepContext:
 
 
 class TuneSink:
-    """Recorder sink: evaluation reports (those with the objective metric) become Tune results.
+    """Recorder sink: the reports that carry every objective become Tune results (one objective on val/*:
+    each evaluation; several, or one reported at the end such as perf/latency_ms: the last report, since
+    Tune's searcher wants every objective in every result).
 
     Always called from the trial's own thread (the Ray Train driver drains reports there), where
     ``tune.report`` belongs.
     """
 
-    def __init__(self, metric: str):
-        self.metric = metric
+    def __init__(self, metrics: list[str]):
+        self.metrics = list(metrics)
 
     def report(self, metrics: dict, step: int, checkpoint) -> None:
-        if self.metric in metrics:
+        if all(m in metrics for m in self.metrics):
             from ray import tune
 
             tune.report({**metrics, "step": step})
@@ -109,15 +111,32 @@ def trial_number(sampled: dict) -> int:
     return int(sampled.get(NUMBER_KEY, -1))
 
 
+def open_trial_run(context: SweepContext, cfg, number: int, sampled: dict, trial_id: str, tags: dict) -> str:
+    """A trial's child run, named ``<method>-<trial number>``, with its shown params and what-it-is tags."""
+    from flexkd.config import method_name
+
+    method = method_name(cfg)
+    return tracking.start_child(
+        context.uri,
+        context.experiment_id,
+        context.parent_id,
+        trial_id,
+        f"{method}-{number:03d}" if number >= 0 else f"{method}-{trial_id}",
+        shown_params(cfg, sampled),
+        tags={tracking.METHOD_TAG: method, tracking.NUMBER_TAG: str(number), **tags, **context.source},
+    )
+
+
 def trial_main(sampled: dict, context: SweepContext) -> None:
     """One trial: its config and plan, its MLflow child run, a TorchTrainer, then final metrics and artifacts."""
     import ray
     from ray import tune
 
     from flexkd.checks import preflight
-    from flexkd.config import method_name
     from tuning.ray_train import run_trainer, score_cache_root
+    from tuning.session import load_worker_secrets
 
+    load_worker_secrets()  # MLflow credentials: a 0600 file, never the runtime env (Ray logs that)
     entered = time.perf_counter()
     timing = {"perf/trial/process_start_s": _process_start_cost()}
     spec = context.spec
@@ -127,23 +146,15 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
     out = Path(context.trials_root, trial_id)
     cfg = trial_config(spec, sampled, run_name=f"{spec.name}-{trial_id}")
     cfg.run.output_dir = str(out)
-    method = method_name(cfg)
     # The run opens first, so that its duration is the trial's and a failure in the set-up below is recorded.
-    run_id = tracking.start_child(
-        context.uri,
-        context.experiment_id,
-        context.parent_id,
+    run_id = open_trial_run(
+        context,
+        cfg,
+        number,
+        sampled,
         trial_id,
-        f"{method}-{number:03d}" if number >= 0 else f"{method}-{trial_id}",
-        shown_params(cfg, sampled),
-        tags={
-            tracking.METHOD_TAG: method,
-            tracking.NUMBER_TAG: str(number),
-            # Where the trial ran: the node (the machine, on a cluster) and its host name.
-            "flexkd.node_id": ray.get_runtime_context().get_node_id(),
-            "flexkd.host": socket.gethostname(),
-            **context.source,
-        },
+        # Where the trial ran: the node (the machine, on a cluster) and its host name.
+        {"flexkd.node_id": ray.get_runtime_context().get_node_id(), "flexkd.host": socket.gethostname()},
     )
     timing["perf/trial/mlflow_open_s"] = time.perf_counter() - entered
     try:
@@ -153,7 +164,7 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
         # MLflow first: Tune may stop (end) this trial as soon as it sees the result.
         mlflow_sink = tracking.MlflowSink(context.uri, run_id)
         recorder = RunRecorder(
-            out, [mlflow_sink, TuneSink(spec.objective.metric)], config_text=dump_yaml(cfg)
+            out, [mlflow_sink, TuneSink([g.metric for g in spec.goals])], config_text=dump_yaml(cfg)
         )
         started = time.perf_counter()
         run_trainer(
@@ -168,14 +179,14 @@ def trial_main(sampled: dict, context: SweepContext) -> None:
         metrics = recorder.finish()
         timing["perf/trial/fit_s"] = time.perf_counter() - started
         timing["perf/trial/mlflow_steps_s"] = mlflow_sink.seconds
-        value = metrics.get(spec.objective.metric)
-        keep = value is not None and tracking.should_log_student(
+        goals = [(g.metric, g.mode) for g in spec.goals]
+        values = [metrics.get(m) for m, _ in goals]
+        keep = None not in values and tracking.should_log_student(
             context.uri,
             context.experiment_id,
             context.parent_id,
-            spec.objective.metric,
-            spec.objective.mode,
-            value,
+            goals,
+            values,
             spec.tracking.register_top,
         )
         closing = time.perf_counter()
@@ -230,13 +241,24 @@ def numbered_search(spec: SweepSpec):
                 config = {**config, NUMBER_KEY: self._ot_trials[trial_id].number}
             return config
 
+    goals = spec.goals
     return NumberedOptunaSearch(
         DefineByRun(spec.params),
-        metric=spec.objective.metric,
-        mode=spec.objective.mode,
-        seed=spec.seed,
+        # Several objectives: lists, and Optuna's study gets one direction per objective.
+        metric=[g.metric for g in goals] if spec.multi else spec.objective.metric,
+        mode=[g.mode for g in goals] if spec.multi else spec.objective.mode,
+        sampler=optuna_sampler(spec),  # seeded there (Tune refuses a seed beside a sampler)
         points_to_evaluate=[dict(p) for p in spec.start_points] or None,
     )
+
+
+def optuna_sampler(spec: SweepSpec):
+    """TPE (multi-objective TPE when there are several objectives) or NSGA-II, seeded by the sweep."""
+    import optuna
+
+    if spec.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=spec.seed)
+    return optuna.samplers.TPESampler(seed=spec.seed)
 
 
 def early_stop_scheduler(spec: SweepSpec, record: str):
@@ -392,9 +414,11 @@ def run_sweep(
     from flexkd.storage import Store
 
     # --- everything that can fail fast, before Ray ----------------------------------------------------
+    check_space_files(
+        spec, num_cpus=num_cpus
+    )  # first: a bad sweep file writes nothing (check_store creates the store)
     uri = tracking.tracking_uri()
     tracking.check_store(uri)
-    check_space_files(spec)
     home = sweep_home(spec)
     storage = spec.storage_path or str(home)
     files = Store(
@@ -525,4 +549,36 @@ def run_sweep(
         )
     grid = tuner.fit()
     log.info("sweep %s: %d trials in %.0fs", spec.name, len(grid), time.perf_counter() - started)
-    return finish(context, grid, stopped_record, files, quiet=quiet)
+    try:
+        return finish(context, grid, stopped_record, files, quiet=quiet)
+    except Exception as err:  # the trials are done and kept; say so in one line, not a traceback
+        raise records_failed(context, state, files, err) from None
+
+
+def records_failed(context: SweepContext, state: dict, files, err: Exception) -> tracking.SweepRecordsError:
+    """The after-sweep step failed: its traceback goes to a file beside the sweep's state; the parent run is
+    closed FAILED with the reason when the store still answers (an outage leaves it RUNNING: ``--resume``
+    finishes it); the error names what to do."""
+    name = f"{state['exp_name']}.records-error.txt"
+    files.write(traceback.format_exc().encode(), name)
+    down = tracking.transient(err)
+    if not down:
+        try:
+            tracking.set_tags(
+                context.uri,
+                context.parent_id,
+                {tracking.NOTE_TAG: f"The after-sweep records failed: {str(err).splitlines()[0][:300]}"},
+            )
+            tracking.client(context.uri, wait=False).set_terminated(context.parent_id, "FAILED")
+        except Exception:  # noqa: BLE001 - the message below is what matters now
+            pass
+    cause = (
+        "the tracking store stayed unreachable"
+        if down
+        else f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    )
+    return tracking.SweepRecordsError(
+        f"sweep {context.spec.name}: every trial ran, but the leaderboard, plots and registry were not "
+        f"written ({cause}; details in {files.path(name)}). The trials are kept: "
+        f"`flexkd sweep {context.spec.name} --resume` writes the records once the store answers."
+    )

@@ -40,6 +40,10 @@ STUDENT_ARTIFACT = "student"
 CHAMPION = "champion"
 
 
+class SweepRecordsError(Exception):
+    """A sweep's trials ran (Tune's state keeps them) but its after-sweep records could not all be written."""
+
+
 def default_root() -> Path:
     return Path("./flexkd-runs").resolve()
 
@@ -64,10 +68,108 @@ def ui_command(uri: str) -> str:
     return f"open {uri} in a browser (or port-forward it; see cluster/README.md)"
 
 
-def client(uri: str):
+WAIT_ENV = "FLEXKD_TRACKING_WAIT_S"
+"""How long one MLflow call keeps retrying through a tracking-store outage (seconds; default 600)."""
+
+
+def client(uri: str, wait: bool = True):
+    """An MlflowClient for ``uri``. With ``wait`` (every call but the start-up check), each of its calls
+    rides out an outage of the store: see :func:`retrying`."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    raw = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return _Waiting(raw, uri) if wait else raw
+
+
+def transient(err: BaseException) -> bool:
+    """Whether an error from the tracking store means "not now" (the server is down, restarting, overloaded,
+    or an SQLite file is locked) rather than "never" (a bad request, a missing run, no permission)."""
+    import requests
+
+    if isinstance(err, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        return True
+    text = str(err)
+    return any(
+        mark in text
+        for mark in (
+            "failed with exception",  # MLflow's wrapper of connection errors (refused, reset, no route)
+            "failed with timeout exception",
+            "Max retries exceeded",
+            "Connection refused",
+            "error code 502",
+            "error code 503",
+            "error code 504",
+            "error code 429",
+            "database is locked",
+        )
+    )
+
+
+def retrying(call, what: str, uri: str, budget: float | None = None):
+    """``call()``, retried with backoff (1 s doubling to 30 s) for up to ``budget`` seconds
+    (``FLEXKD_TRACKING_WAIT_S``, default 600) while the store's errors are transient; one line on stderr
+    when the wait starts, then every 30 s or so, and one when the store answers again. Errors that are not
+    transient, and the last error once the budget is spent, are raised."""
+    budget = float(os.environ.get(WAIT_ENV, 600)) if budget is None else budget
+    started = time.monotonic()
+    delay, said = 1.0, 0.0
+    while True:
+        try:
+            result = call()
+        except Exception as err:
+            waited = time.monotonic() - started
+            if not transient(err) or waited + delay > budget:
+                if said:
+                    print(
+                        f"flexkd: tracking store {redact(uri)} still unreachable after {waited:.0f}s "
+                        f"(budget {WAIT_ENV}={budget:g}); giving up on {what}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                raise
+            if not said or waited - said >= 30:
+                reason = redact(str(err).splitlines()[0])[:160]
+                print(
+                    f"flexkd: tracking store {redact(uri)} unreachable ({reason}); {what} waits and retries "
+                    f"(waited {waited:.0f}s of up to {budget:g}s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                said = waited or 1e-9
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            continue
+        if said:
+            print(
+                f"flexkd: tracking store {redact(uri)} answers again after {time.monotonic() - started:.0f}s; "
+                f"{what} done",
+                file=sys.stderr,
+                flush=True,
+            )
+        return result
+
+
+def redact(text: str) -> str:
+    from tuning.submit import redact as mask  # one owner of what counts as a credential in text
+
+    return mask(text)
+
+
+class _Waiting:
+    """An MlflowClient whose every method call goes through :func:`retrying`."""
+
+    def __init__(self, raw, uri: str):
+        self._raw, self._uri = raw, uri
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._raw, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+
+        def call(*args, **kwargs):
+            return retrying(lambda: attr(*args, **kwargs), name, self._uri)
+
+        return call
 
 
 def check_store(uri: str) -> None:
@@ -89,7 +191,7 @@ def check_store(uri: str) -> None:
     elif uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
-        client(uri).search_experiments(max_results=1)  # creates a new SQLite schema here, once
+        client(uri, wait=False).search_experiments(max_results=1)  # creates a new SQLite schema here, once
     except Exception as err:  # MlflowException, sqlalchemy and requests errors all mean "cannot use it"
         raise ConfigError(f"MLFLOW_TRACKING_URI: cannot use {uri}: {str(err).splitlines()[0]}") from None
 
@@ -258,13 +360,17 @@ def finish_child(
     if student:
         from tuning.student_model import log_student
 
-        model_uri = log_student(
+        model_uri = retrying(
+            lambda: log_student(
+                uri,
+                run_id,
+                Path(folder, artifacts.STUDENT),
+                student,
+                list(examples),
+                step=int(metrics.get("step", 0)),
+            ),
+            "logging the student model",
             uri,
-            run_id,
-            Path(folder, artifacts.STUDENT),
-            student,
-            list(examples),
-            step=int(metrics.get("step", 0)),
         )
         tags.update({"flexkd.student_logged": "true", STUDENT_URI_TAG: model_uri})
     set_tags(uri, run_id, tags)
@@ -393,18 +499,27 @@ def completed(run) -> bool:
 
 
 def should_log_student(
-    uri: str, experiment_id: str, parent_id: str, metric: str, mode: str, value: float, top: int
+    uri: str, experiment_id: str, parent_id: str, goals: list[tuple[str, str]], values: list[float], top: int
 ) -> bool:
-    """Is ``value`` among the best ``top`` of the completed trials so far? A trial in the final top N always
-    was when it finished, so logging students only then keeps every one the registry will need."""
+    """Could this trial's student be registered at the end? ``goals``: (metric, mode) per objective.
+
+    One objective: is ``values[0]`` among the best ``top`` of the completed trials so far? A trial in the
+    final top N always was when it finished. Several: does no completed trial so far dominate it? A trial
+    dominated now stays dominated, so every final Pareto-optimal trial passes this when it finishes."""
+    from tuning.pareto import dominates
+
     if top <= 0:
         return False
-    values = [
-        run.data.metrics[metric]
+    metrics = [m for m, _ in goals]
+    others = [
+        [run.data.metrics[m] for m in metrics]
         for run in children(uri, parent_id, experiment_id)
-        if completed(run) and metric in run.data.metrics
+        if completed(run) and all(m in run.data.metrics for m in metrics)
     ]
-    better = [v for v in values if (v > value if mode == "max" else v < value)]
+    if len(goals) > 1:
+        return not any(dominates(o, values, [mode for _, mode in goals]) for o in others)
+    mode = goals[0][1]
+    better = [o[0] for o in others if (o[0] > values[0] if mode == "max" else o[0] < values[0])]
     return len(better) < top
 
 
@@ -423,8 +538,21 @@ def better(a: float, b: float, mode: str) -> bool:
     return a > b if mode == "max" else a < b
 
 
-def register(uri: str, name: str, best: list[dict], metric: str, mode: str, sweep_run: str) -> dict:
+def register(
+    uri: str,
+    name: str,
+    best: list[dict],
+    metric: str,
+    mode: str,
+    sweep_run: str,
+    goals: list[tuple[str, str]] | None = None,
+) -> dict:
     """Register the students of ``best`` (leaderboard rows, best first) as versions of ``name``.
+
+    ``goals`` (several objectives, (metric, mode) each, the first = ``metric``): ``best`` is the Pareto front
+    in order of the first objective; each version is tagged with every objective's value and
+    ``pareto_rank``, and the aliases ``pareto-1``, ``pareto-2`` ... point at the front in that order (the
+    latest multi-objective sweep registered under ``name``: aliases of a longer earlier front are removed).
 
     - Versions are created worst first, so the newest version ("latest" in the UI) is the sweep's best.
     - Each version carries its objective (``objective`` = the metric, the metric itself = the value), method,
@@ -467,6 +595,10 @@ def register(uri: str, name: str, best: list[dict], metric: str, mode: str, swee
             "trial": str(row.get("trial", "")),
             "rank_in_sweep": str(rank),
         }
+        if goals:
+            tags.update({m: f"{row[m]:.6g}" for m, _ in goals})
+            tags["objectives"] = ", ".join(f"{md} {m}" for m, md in goals)
+            tags["pareto_rank"] = str(rank)
         mv = register_student(
             uri,
             name,
@@ -517,6 +649,15 @@ def register(uri: str, name: str, best: list[dict], metric: str, mode: str, swee
     if move:
         c.set_registered_model_alias(name, CHAMPION, version)
     versions_ = [numbers[r["run_id"]] for r in best]
+    pareto_aliases = []
+    if goals:
+        for k, number in enumerate(versions_, 1):
+            c.set_registered_model_alias(name, f"pareto-{k}", number)
+            pareto_aliases.append(f"pareto-{k}")
+        stale = {a for v in c.search_model_versions(f"name='{name}'") for a in v.aliases}
+        for alias in sorted(stale):
+            if alias.startswith("pareto-") and alias not in pareto_aliases:
+                c.delete_registered_model_alias(name, alias)
     return {
         "name": name,
         "versions": versions_,
@@ -524,6 +665,7 @@ def register(uri: str, name: str, best: list[dict], metric: str, mode: str, swee
         "sweep_alias": sweep_alias,
         "champion_moved": move,
         "note": note,
+        "pareto_aliases": pareto_aliases,
     }
 
 

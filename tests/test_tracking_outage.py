@@ -1,0 +1,116 @@
+"""A real `mlflow server` killed in the middle of a sweep and started again: the sweep waits for it, every
+planned trial is recorded, the parent run ends FINISHED and the best student is registered."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tuning import tracking
+
+from .fixtures import mlflow_server
+from .test_cluster import free_ports, wait_for
+from .test_sweep import write_sweep
+
+OUTAGE_S = 25
+
+
+def start_server(store: Path, port: int) -> subprocess.Popen:
+    server = mlflow_server(store, port, dict(os.environ))
+    wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/health", timeout=3).ok, 180, "the MLflow server")
+    return server
+
+
+def kill_server(server: subprocess.Popen) -> None:
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait()
+
+
+@pytest.mark.slow
+def test_a_sweep_survives_the_tracking_server_going_down_and_coming_back(disk, tmp_path):
+    store = tmp_path / "server"
+    store.mkdir()
+    (port,) = free_ports(1)
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(store, port)
+    path = write_sweep(
+        tmp_path / "outage.yaml",
+        base="demo",
+        overrides=[
+            f"teacher.path={disk['teacher_cls']}",
+            "train.steps=60",
+            "train.eval_every=20",
+            "train.log_every=5",
+            "eval.max_examples=64",
+            "data.max_train_examples=300",
+            "scoring.num_examples=32",
+        ],
+        space={"optim.lr": {"loguniform": [1.0e-4, 3.0e-3]}},
+        trials=3,
+        concurrency=1,
+        seed=2,
+        scheduler={"name": "none"},
+        tracking={"experiment": "test-outage", "register_as": "outage-student", "register_top": 1},
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": uri, tracking.WAIT_ENV: "300"}
+    log = tmp_path / "sweep.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "tuning.cli", "sweep", str(path)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        pointer = tmp_path / "flexkd-runs" / "sweeps" / "outage.latest.json"
+
+        def first_trial_logging():
+            state = json.loads(pointer.read_text())
+            runs = tracking.children(uri, state["parent_id"], state["experiment_id"])
+            return any(r.info.status == "RUNNING" and r.data.metrics for r in runs)
+
+        wait_for(first_trial_logging, 400, "a trial logging metrics")
+        kill_server(server)  # mid-trial: its next metrics, its artifacts and the next trial's run wait
+        time.sleep(OUTAGE_S)
+        assert driver.poll() is None, log.read_text()[-3000:]  # still waiting, not dead
+        server = start_server(store, port)
+        assert driver.wait(timeout=900) == 0, log.read_text()[-4000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        kill_server(server)
+        server = start_server(store, port)  # read what was recorded
+    try:
+        text = log.read_text()
+        assert "unreachable" in text and "answers again" in text, text[-3000:]  # the user was told
+        assert "Traceback" not in text, text[-3000:]
+        state = json.loads(pointer.read_text())
+        c = tracking.client(uri, wait=False)
+        parent = c.get_run(state["parent_id"])
+        assert parent.info.status == "FINISHED"
+        runs = tracking.children(uri, state["parent_id"], state["experiment_id"])
+        assert len(runs) == 3 and len({r.data.tags[tracking.TRIAL_TAG] for r in runs}) == 3
+        assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+        assert all(r.data.tags[tracking.OUTCOME_TAG] == "completed" for r in runs)
+        # The trial that was logging through the outage has its whole history: every logged step, in order.
+        for r in runs:
+            steps = [m.step for m in c.get_metric_history(r.info.run_id, "train/loss")]
+            assert steps == list(range(5, 61, 5)), (r.info.run_name, steps)
+        best = parent.data.tags["flexkd.best_run_id"]
+        version = c.get_model_version_by_alias("outage-student", tracking.CHAMPION)
+        assert version.run_id == best
+    finally:
+        kill_server(server)
