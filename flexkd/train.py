@@ -258,6 +258,12 @@ def train(
             window_start = time.perf_counter()  # evaluation time is not training throughput
         if last and test_examples:
             metrics.update(evaluate(model, test_examples, test_rows, cfg, bench.tok_s, device, "test"))
+        cost = {}
+        if last:  # what the student costs to keep and to run, measured alike in every run (every rank: FSDP)
+            cost = student_cost(
+                model, cfg, val_rows or data.train, val_examples or train_examples, bench, device
+            )
+            metrics.update(cost)
         checkpoint = None
         if ckpt_now:
             if last:
@@ -269,6 +275,7 @@ def train(
                 final_metrics["perf/setup_student_s"] = models_ready - data_ready
                 final_metrics["perf/setup_selection_s"] = loop_started - models_ready  # scoring or cache
                 final_metrics["perf/loop_s"] = time.perf_counter() - loop_started
+                final_metrics.update(cost)
             states = ckpt.full_states(model, optimizer)  # every rank: under FSDP this is a gather
             if me == 0:
                 checkpoint = ckpt.save(
@@ -291,3 +298,19 @@ def train(
                 if checkpoint:  # moved or uploaded by now, if the reporter keeps checkpoints
                     shutil.rmtree(checkpoint, ignore_errors=True)
     return final_metrics
+
+
+FOOTPRINT_INPUTS = 32  # the first validation examples: the fixed inputs every run's student is timed on
+
+
+def student_cost(model, cfg: Config, rows: list[dict], examples: list[dict], bench, device) -> dict:
+    """flexkd/footprint.py on the run's first validation inputs: the whole text of a classifier's examples,
+    the prompt (the prefill before decoding) of a causal LM's."""
+    from flexkd.data import encode_prompt
+    from flexkd.footprint import footprint
+
+    if cfg.data.task == "classification":
+        inputs = [e["input_ids"] for e in examples[:FOOTPRINT_INPUTS]]
+    else:
+        inputs = [encode_prompt(r, bench.tok_s, cfg.data) for r in rows[:FOOTPRINT_INPUTS]]
+    return footprint(model, inputs, bench.tok_s.pad_token_id, device, batch=FOOTPRINT_INPUTS)

@@ -32,10 +32,12 @@ def write_sweep(path: Path, **fields) -> Path:
 def test_shipped_sweeps_validate_and_dry_run(capsys):
     from tuning.cli import main
 
-    for name in ("quickstart", "comparison"):
+    for name in ("quickstart", "comparison", "frontier"):
         spec, _ = load_sweep(name)
         assert spec.trials >= 3 and parse_space(spec.space)
         assert main(["sweep", name, "--dry-run"]) == 0
+    spec, _ = load_sweep("frontier-imdb")  # its files are the benchmark assets: the static checks only
+    assert spec.multi and [g.metric for g in spec.goals] == ["val/accuracy", "perf/latency_ms"]
     out = capsys.readouterr().out
     assert "feature.weight: loguniform [0.3, 10.0]  when {'method': ['flexkd']}" in out
     assert "2 at a time" in out

@@ -88,7 +88,8 @@ def finish(context: SweepContext, grid, stopped_record: str, files: Store, quiet
     artifacts_ = {}
     if spec.multi:
         summary["front"] = mark_front(c, spec, rows)
-        rows.sort(key=lambda r: r.get("pareto") or len(rows) + 1)  # the front first, stable otherwise
+        last = len(rows) + 1  # (inside sort's key the list reads as empty)
+        rows.sort(key=lambda r: r.get("pareto") or last)  # the front first, in its order; the rest as before
         finished = summary["front"]  # what gets a config, a registered version and an alias
         artifacts_["pareto.csv"] = _csv(summary["front"])
         for r in finished:

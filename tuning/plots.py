@@ -425,3 +425,142 @@ def _parallel(sweep: _Sweep) -> Figure:
     handles = [Line2D([], [], color="0.35", lw=2, ls=DASH[s], label=LABELS[s]) for s in list(STATES)[:2]]
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=2, frameon=False)
     return fig
+
+
+# --- several objectives: the Pareto front ------------------------------------------------------------------
+
+
+def draw_front(rows: list[dict], goals: list[tuple[str, str]], distributions: dict) -> dict[str, bytes | str]:
+    """Several objectives: ``plots/pareto.png`` and ``plots/pareto.html``. ``rows``: leaderboard rows with
+    each objective's value and ``pareto`` (the front rank, or None); ``goals``: (metric, mode) each.
+
+    The scatter shows every completed trial on the first two objectives, the front joined in order and
+    labelled ``pareto-<k>`` (the registry's aliases), with arrows in the axis titles saying which way is
+    better. The HTML page holds the same scatter (hover: trial, method, every objective, the sampled
+    params) and Optuna's own ``plot_pareto_front`` of a study rebuilt from these trials (2 or 3 objectives).
+    """
+    (mx, dx), (my, dy) = goals[0], goals[1]
+    done = [
+        r
+        for r in rows
+        if r["status"] == "completed" and all(isinstance(r.get(m), (int, float)) for m, _ in goals)
+    ]
+    front = sorted((r for r in done if r.get("pareto")), key=lambda r: r[mx])
+    rest = [r for r in done if not r.get("pareto")]
+    more = f" (first two of {len(goals)} objectives)" if len(goals) > 2 else ""
+    title = f"Pareto front: {len(front)} of {len(done)} completed trials{more}"
+
+    def axis(metric: str, mode: str) -> str:
+        return f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)"
+
+    def hover(r: dict) -> str:
+        values = "<br>".join(f"{m} = {r[m]:.4g}" for m, _ in goals)
+        params = "<br>".join(f"{k} = {_fmt(r[k])}" for k in distributions if r.get(k) not in (None, ""))
+        tag = f"pareto-{r['pareto']}<br>" if r.get("pareto") else ""
+        return f"{tag}trial {r['trial']} ({r.get('flexkd.method', '')})<br>{values}<br>{params}"
+
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=[r[mx] for r in rest],
+            y=[r[my] for r in rest],
+            mode="markers",
+            name="dominated",
+            marker={"color": "#9a9a9a", "size": 9},
+            hovertext=[hover(r) for r in rest],
+            hoverinfo="text",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[r[mx] for r in front],
+            y=[r[my] for r in front],
+            mode="lines+markers+text",
+            name="Pareto front",
+            line={"color": COLORS["finished"]},
+            marker={"color": COLORS["finished"], "size": 12},
+            text=[f"pareto-{r['pareto']}" for r in front],
+            textposition="top center",
+            hovertext=[hover(r) for r in front],
+            hoverinfo="text",
+        )
+    )
+    fig.update_layout(
+        title=title, xaxis_title=axis(mx, dx), yaxis_title=axis(my, dy), template="plotly_white", height=600
+    )
+    parts = [
+        "<h2 style='font-family:sans-serif'>Pareto front</h2>"
+        + fig.to_html(include_plotlyjs=True, full_html=False)
+    ]
+    optuna_fig = _optuna_front(done, goals, distributions)
+    if optuna_fig is not None:
+        parts.append(
+            "<h2 style='font-family:sans-serif'>Optuna's plot_pareto_front</h2>"
+            + optuna_fig.to_html(include_plotlyjs=False, full_html=False)
+        )
+    files: dict[str, bytes | str] = {
+        "plots/pareto.html": "<html><head><meta charset='utf-8'><title>Pareto front</title></head><body>"
+        + "".join(parts)
+        + "</body></html>"
+    }
+    with matplotlib.rc_context({"font.size": 11, "axes.titlesize": 13}):
+        png = Figure(figsize=SIZE, dpi=DPI, layout="constrained")
+        ax = png.subplots()
+        ax.scatter([r[mx] for r in rest], [r[my] for r in rest], color="#9a9a9a", s=50, label="dominated")
+        ax.plot(
+            [r[mx] for r in front],
+            [r[my] for r in front],
+            "-o",
+            color=COLORS["finished"],
+            markersize=9,
+            label="Pareto front",
+        )
+        for r in front:
+            ax.annotate(
+                f"pareto-{r['pareto']}",
+                (r[mx], r[my]),
+                textcoords="offset points",
+                xytext=(6, 6),
+                fontsize=10,
+            )
+        ax.set_xlabel(axis(mx, dx))
+        ax.set_ylabel(axis(my, dy))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        buf = io.BytesIO()
+        png.savefig(buf, format="png", dpi=DPI)
+        files["plots/pareto.png"] = buf.getvalue()
+    return files
+
+
+def _optuna_front(done: list[dict], goals: list[tuple[str, str]], distributions: dict):
+    """Optuna's Pareto-front figure of a study rebuilt from the completed trials (None for > 3 objectives)."""
+    if not 2 <= len(goals) <= 3 or not done:
+        return None
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(directions=["maximize" if md == "max" else "minimize" for _, md in goals])
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    for r in done:
+        record = TrialRecord(
+            int(r["trial"]),
+            str(r["trial_id"]),
+            "finished",
+            None,
+            {k: r[k] for k in distributions if r.get(k) not in (None, "")},
+        )
+        params = _params(record, distributions)
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.COMPLETE,
+                values=[float(r[m]) for m, _ in goals],
+                params=params,
+                distributions={k: distributions[k] for k in params},
+            )
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna's ExperimentalWarning for the visualisation module
+        return optuna.visualization.plot_pareto_front(study, target_names=[m for m, _ in goals])
