@@ -574,8 +574,9 @@ def register(
             name,
             description=(
                 "Students distilled by flexkd. Aliases: 'champion' = the best on its objective so far (moves "
-                "only when a sweep beats it); 'sweep-' + a sweep's run name = that sweep's best. Version tags: "
-                "objective, its value, method, sweep, trial."
+                "only when a sweep beats it); 'sweep-' + a sweep's run name = that sweep's best; 'pareto-<k>' = the "
+                "k-th member of the latest multi-objective sweep's Pareto front, in order of its first objective. "
+                "Version tags: objective, its value (every objective's with several), method, sweep, trial."
             ),
         )
     existing = {v.run_id: v for v in c.search_model_versions(f"name='{name}'")}
