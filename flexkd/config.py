@@ -145,7 +145,9 @@ class Selection:
 @dataclass
 class Feature:
     loss: str = "pearson"
-    """pearson (Flex-KD) | mse_std | projector (learned linear map, the FitNets baseline) | none."""
+    """pearson (Flex-KD) | mse_std | projector (learned linear map, the FitNets baseline) | cka (1 - linear
+    CKA of the full hidden states) | gram (cosine-similarity Gram matrices of the positions, arXiv
+    2509.25253) | none. projector, cka and gram read every teacher unit: no scoring, no selection."""
     weight: float = 1.0
     """Weight of the feature loss (mean over mapped layers)."""
     layers: Any = "last"
@@ -281,7 +283,7 @@ TASK_COLUMNS = {
 OPTIONAL_COLUMNS = {"input"}
 SCORING_METHODS = ("grad", "grad_token", "taylor", "fisher")
 SELECTION_STRATEGIES = ("gradient", "random", "variance", "first")
-FEATURE_LOSS_NAMES = ("pearson", "mse_std", "projector", "none")
+FEATURE_LOSS_NAMES = ("pearson", "mse_std", "projector", "cka", "gram", "none")
 KD_LOSS_NAMES = ("fkl", "rkl", "skl", "srkl", "jsd", "none")
 SELECTING_FEATURE_LOSSES = ("pearson", "mse_std")
 SIGNAL_DTYPES = ("float32", "bfloat16", "float16")  # the ones that align a selected subspace
@@ -473,9 +475,10 @@ def validate(cfg: Config) -> None:
     _choice("signals.mode", cfg.signals.mode, ("auto", "cached", "live"))
     _choice("signals.dtype", cfg.signals.dtype, SIGNAL_DTYPES)
     _choice("signals.units", cfg.signals.units, ("all", "selected"))
-    if cfg.signals.units == "selected" and cfg.feature.loss == "projector":
+    if cfg.signals.units == "selected" and cfg.feature.loss in ("projector", "cka", "gram"):
         raise ConfigError(
-            "signals.units: selected stores a subset of units; the projector baseline reads all of them (use all)"
+            f"signals.units: selected stores a subset of units; feature.loss={cfg.feature.loss} reads all of "
+            "them (use all)"
         )
     for key in ("batch_size", "shard_examples"):
         _at_least(f"signals.{key}", getattr(cfg.signals, key), 1)

@@ -19,6 +19,7 @@ from flexkd.data import IGNORE
 from flexkd.distributed import all_reduce_sum, all_reduce_sum_grad
 
 EPS = 1e-8
+TINY = 1e-30  # a float64 guard against 0 / 0 only (feature_cka)
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -152,9 +153,10 @@ def kd_on_rows(name: str, student_rows, teacher, temperature=1.0, skew=0.1) -> t
 # The batch a feature loss sees. With group=None it is this call's masked positions. With a process group
 # (the training loop passes ``flexkd.distributed.loss_group()`` when it runs on more than one rank) it is the
 # union of the masked positions of that call on every rank of the group: the losses are functions of sums
-# over positions (the co-moments below; the projector's squared error and count), and those sums are
-# all-reduced with autograd. So N ranks give one process's loss on the concatenated micro-batches, value and
-# (after DDP's average) gradient; see ``flexkd.distributed.all_reduce_sum_grad`` for the gradient's scale.
+# over positions (the co-moments below; the projector's squared error and count; the geometry losses'
+# d x d sums), and those sums are all-reduced with autograd. So N ranks give one process's loss on the
+# concatenated micro-batches, value and (after DDP's average) gradient; see
+# ``flexkd.distributed.all_reduce_sum_grad`` for the gradient's scale.
 # Every rank of the group must make the same calls in the same order, a rank with no masked position too.
 # Gradient accumulation does not widen the batch: each accumulation step is one call on every rank (the
 # union of the ranks' micro-batch a), and the optimiser step's feature loss is the mean over steps of those.
@@ -242,6 +244,96 @@ def feature_projector(student_hidden, teacher_hidden, mask, units=None, projecto
     return all_reduce_sum_grad(squared, group) / count.clamp_min(1).item()
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Geometry baselines: projector-free like Flex-KD, but on the full hidden states (every student dim and every
+# teacher unit; ``units`` is ignored), so they need no scoring pass. Both are functions of d x d sums over
+# positions, all-reduced like the co-moments, so with ``group`` they too are exact on the global micro-batch.
+
+
+def _full(student_hidden, teacher_hidden, mask):
+    """(N, d_S) student and (N, d_T) detached teacher features at the masked positions, in float32 (float64
+    inputs stay float64, and so does the loss: the gradient checks need it)."""
+    dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+    return student_hidden[mask].to(dtype), teacher_hidden.detach()[mask].to(dtype)
+
+
+def _sq_norm(matrix: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius norm in float64: entries of a Gram matrix over thousands of positions, squared and
+    summed, can leave float32's range."""
+    return matrix.double().pow(2).sum()
+
+
+def feature_cka(student_hidden, teacher_hidden, mask, units=None, projector=None, *, group=None):
+    """1 - linear CKA between the full student and teacher hidden states over the batch's positions.
+
+    X (N, d_S), Y (N, d_T): the masked positions' features, each centred over the positions (Kornblith et
+    al. 2019). CKA = ||Y^T X||_F^2 / sqrt((||X^T X||_F^2 + tiny)(||Y^T Y||_F^2 + tiny)), in [0, 1]: invariant
+    to an orthogonal map and an isotropic scaling of either side, so any pair of hidden sizes works.
+    ||Y^T X||_F^2 = <X X^T, Y Y^T>_F, so this is also the cosine between the (N, N) centred Gram matrices.
+
+    The centred d x d sums are sums over positions, reduced over ``group`` like ``co_moments`` (means first,
+    outside autograd: a centred sum's derivative along its mean is zero there), so N ranks give one
+    process's loss on their union, exactly. Cost O(N (d_S + d_T)^2). Constant features or no position: 1.
+    """
+    s, t = _full(student_hidden, teacher_hidden, mask)
+    d_s, d_t = s.shape[-1], t.shape[-1]
+    first = torch.cat([s.new_tensor([s.shape[0]]), s.detach().sum(0), t.sum(0)])
+    if group is not None:
+        first = all_reduce_sum(first, group)
+    n = first[0].clamp_min(1)
+    xs, yt = s - first[1 : 1 + d_s] / n, t - first[1 + d_s :] / n
+    with torch.no_grad():  # the teacher's side has no gradient to carry
+        tt = yt.T @ yt
+    sums = torch.cat([(xs.T @ xs).flatten(), (yt.T @ xs).flatten(), tt.flatten()])
+    if group is not None:
+        sums = all_reduce_sum_grad(sums, group)
+    ss, ts, tt = sums.split([d_s * d_s, d_t * d_s, d_t * d_t])
+    # A guard inside the square root, as in pearson: a constant side gives CKA 0 and a finite (zero)
+    # gradient. It is tiny, not EPS: these are 4th powers of the features, and a float64 1e-30 keeps 0 / 0
+    # finite without breaking the scale invariance at any feature scale a model produces.
+    cka = _sq_norm(ts) / torch.sqrt((_sq_norm(ss) + TINY) * (_sq_norm(tt) + TINY))
+    return (1.0 - cka).to(s.dtype)
+
+
+def feature_gram(student_hidden, teacher_hidden, mask, units=None, projector=None, *, group=None):
+    """Feature-Gram distance: mean squared difference between the student's and the teacher's (N, N)
+    position-by-position cosine-similarity matrices. Our reading of the "Frobenius norm of the Feature Gram
+    Matrix" loss of Bhattarai et al. 2025 (arXiv 2509.25253), of which only the abstract and summaries could
+    be read: feature geometry as the inner products (angles) between positions. The centring and the
+    per-position normalisation are this project's choices, as is leaving out their Procrustes loss.
+
+    x_i (d_S), y_i (d_T): the features at masked position i, centred over the positions; u_i = x_i /
+    sqrt(|x_i|^2 + eps), v_i likewise. A_ij = u_i . u_j, B_ij = v_i . v_j (the angles between positions,
+    what the paper calls the feature geometry). loss = (1 / N^2) sum_ij (A_ij - B_ij)^2, in [0, 4];
+    0 when the student's centred positions are the teacher's up to an orthogonal map and a positive scale
+    per position (up to the eps guard, which keeps a position at the mean finite). CKA, the cosine between
+    the unnormalised Gram matrices, weighs each position by its norm (a few outlier tokens can decide it);
+    here every pair of positions counts alike.
+
+    Computed without the N x N matrices: sum_ij (A_ij - B_ij)^2 = ||U^T U||_F^2 - 2 ||U^T V||_F^2 +
+    ||V^T V||_F^2, d x d sums over positions. With ``group`` the count and column sums (for the means, with
+    autograd: the per-position normalisation makes the loss depend on them) and those d x d sums are
+    all-reduced, so N ranks give one process's loss on their union, cross-rank pairs included, exactly.
+    Cost O(N (d_S + d_T)^2). No position: 0.
+    """
+    s, t = _full(student_hidden, teacher_hidden, mask)
+    d_s, d_t = s.shape[-1], t.shape[-1]
+    first = torch.cat([s.new_tensor([s.shape[0]]), s.sum(0), t.sum(0)])
+    if group is not None:
+        first = all_reduce_sum_grad(first, group)
+    n = first[0].detach().clamp_min(1)
+    xs, yt = s - first[1 : 1 + d_s] / n, t - first[1 + d_s :] / n
+    u = xs * torch.rsqrt(xs.pow(2).sum(-1, keepdim=True) + EPS)
+    with torch.no_grad():
+        v = yt * torch.rsqrt(yt.pow(2).sum(-1, keepdim=True) + EPS)
+        vv = v.T @ v
+    sums = torch.cat([(u.T @ u).flatten(), (v.T @ u).flatten(), vv.flatten()])
+    if group is not None:
+        sums = all_reduce_sum_grad(sums, group)
+    uu, vu, vv = sums.split([d_s * d_s, d_t * d_s, d_t * d_t])
+    return ((_sq_norm(uu) - 2 * _sq_norm(vu) + _sq_norm(vv)) / n.double() ** 2).to(s.dtype)
+
+
 def feature_none(student_hidden, teacher_hidden, mask, units=None, projector=None, *, group=None):
     return student_hidden.new_zeros((), dtype=torch.float32)
 
@@ -250,5 +342,7 @@ FEATURE_LOSSES = {
     "pearson": feature_pearson,
     "mse_std": feature_mse_std,
     "projector": feature_projector,
+    "cka": feature_cka,
+    "gram": feature_gram,
     "none": feature_none,
 }
