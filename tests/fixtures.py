@@ -92,3 +92,32 @@ def mlflow_server(store: Path, port: int, env: dict):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+def on_gloo_ranks(body, world: int, out: Path) -> list:
+    """``body(rank)`` on ``world`` spawned processes joined in one gloo group (127.0.0.1, a free port, one
+    CPU thread each); returns what each rank's call returned, in rank order. ``body`` must be a module-level
+    function (spawn pickles it) and return something ``torch.save`` takes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gloo_rank, args=(body, port, str(out), world), nprocs=world, join=True)
+    return [torch.load(Path(out) / f"rank{r}.pt") for r in range(world)]
+
+
+def _gloo_rank(rank: int, body, port: int, out: str, world: int) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(body(rank), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

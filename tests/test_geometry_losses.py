@@ -7,19 +7,17 @@ positions, so two gloo ranks must give one process's loss and gradient on the co
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from flexkd.config import ConfigError, key_docs, load_config, method_name, uses_selection
 from flexkd.data import collate
 from flexkd.losses import FEATURE_LOSSES
 from flexkd.plan import ModelDims, make_plan
 
+from .fixtures import on_gloo_ranks
 from .tiny import random_examples, tiny_bert_classifier
 
 NAMES = ["cka", "gram"]
@@ -305,34 +303,21 @@ def run_loss(name, rows, case, group=None, wrap=None):
     return {"loss": loss.detach(), "hs": hs.grad, "student": [p.grad.clone() for p in student.parameters()]}
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        results = {
-            (case, name): run_loss(name, split[rank], case, group=dist.group.WORLD, wrap=DDP)
-            for case, split in SPLITS.items()
-            for name in NAMES
-        }
-        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    results = {
+        (case, name): run_loss(name, split[rank], case, group=dist.group.WORLD, wrap=DDP)
+        for case, split in SPLITS.items()
+        for name in NAMES
+    }
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("geometry_ranks")
-    mp.spawn(_worker, args=(_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return on_gloo_ranks(_worker, WORLD, out)
 
 
 def close(a, b):

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from flexkd.config import load_config
 from flexkd.data import collate, micro_batches
 from flexkd.losses import FEATURE_LOSSES, co_moments, pearson_correlations
 
+from .fixtures import on_gloo_ranks
 from .tiny import random_examples, tiny_bert_classifier
 
 WORLD = 2
@@ -101,83 +98,70 @@ def objective_units():
 # The two ranks
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from flexkd.distributed import loss_group
     from flexkd.objective import Objective
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        group = loss_group()
-        assert group is not None
-        results = {}
-        for case, split in SPLITS.items():
-            x, ht, mask = batch(case)
-            rows = split[rank]
-            for name in NAMES:
-                student, projector = models()
-                model = DDP(student)
-                hs = model(x[rows])
-                hs.retain_grad()
-                loss = FEATURE_LOSSES[name](hs, ht[rows], mask[rows], UNITS, projector, group=group)
-                loss.backward()
-                average_projector(projector)
-                results[case, name] = {
-                    "loss": loss.detach(),
-                    "hs": hs.grad,
-                    "student": grads(student),
-                    "projector": grads(projector),
-                }
-
-        # Gradient accumulation as the loop runs it: the rank's micro-batches, DDP synchronising on the last.
-        accum = 2
-        x, ht, mask = batch("even", rows=8)
+    group = loss_group()
+    assert group is not None
+    results = {}
+    for case, split in SPLITS.items():
+        x, ht, mask = batch(case)
+        rows = split[rank]
         for name in NAMES:
             student, projector = models()
             model = DDP(student)
-            step_loss = 0.0
-            for a, micro in enumerate(micro_batches(list(range(8)), rank, WORLD, accum)):
-                sync = contextlib.nullcontext() if a == accum - 1 else model.no_sync()
-                with sync:
-                    loss = FEATURE_LOSSES[name](
-                        model(x[micro]), ht[micro], mask[micro], UNITS, projector, group=group
-                    )
-                    (loss / accum).backward()
-                step_loss += float(loss.detach()) / accum
+            hs = model(x[rows])
+            hs.retain_grad()
+            loss = FEATURE_LOSSES[name](hs, ht[rows], mask[rows], UNITS, projector, group=group)
+            loss.backward()
             average_projector(projector)
-            results["accum", name] = {
-                "loss": step_loss,
+            results[case, name] = {
+                "loss": loss.detach(),
+                "hs": hs.grad,
                 "student": grads(student),
                 "projector": grads(projector),
             }
 
-        # The objective (the loop's own call of the feature loss), on a tiny BERT pair, student in DDP.
-        teacher, student = objective_models()
-        cfg = load_config("demo", OBJECTIVE_ARGS)
-        objective = Objective(cfg, teacher, [(-1, -1)], objective_units(), None, vocab=97, group=group)
+    # Gradient accumulation as the loop runs it: the rank's micro-batches, DDP synchronising on the last.
+    accum = 2
+    x, ht, mask = batch("even", rows=8)
+    for name in NAMES:
+        student, projector = models()
         model = DDP(student)
-        terms = objective(model, objective_batches()[0][rank])
-        objective.total(terms).backward()
-        results["objective"] = {"loss": terms["feat"].detach(), "student": grads(student)}
-        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        step_loss = 0.0
+        for a, micro in enumerate(micro_batches(list(range(8)), rank, WORLD, accum)):
+            sync = contextlib.nullcontext() if a == accum - 1 else model.no_sync()
+            with sync:
+                loss = FEATURE_LOSSES[name](
+                    model(x[micro]), ht[micro], mask[micro], UNITS, projector, group=group
+                )
+                (loss / accum).backward()
+            step_loss += float(loss.detach()) / accum
+        average_projector(projector)
+        results["accum", name] = {
+            "loss": step_loss,
+            "student": grads(student),
+            "projector": grads(projector),
+        }
+
+    # The objective (the loop's own call of the feature loss), on a tiny BERT pair, student in DDP.
+    teacher, student = objective_models()
+    cfg = load_config("demo", OBJECTIVE_ARGS)
+    objective = Objective(cfg, teacher, [(-1, -1)], objective_units(), None, vocab=97, group=group)
+    model = DDP(student)
+    terms = objective(model, objective_batches()[0][rank])
+    objective.total(terms).backward()
+    results["objective"] = {"loss": terms["feat"].detach(), "student": grads(student)}
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return on_gloo_ranks(_worker, WORLD, out)
 
 
 def close(a, b):
