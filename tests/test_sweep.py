@@ -43,6 +43,17 @@ def test_shipped_sweeps_validate_and_dry_run(capsys):
     assert "2 at a time" in out
 
 
+def test_comparison_preset_covers_every_feature_loss():
+    """The paper's comparison preset runs every baseline the library has: a feature loss added to
+    FEATURE_LOSSES without a bundle there would never be compared."""
+    from flexkd.losses import FEATURE_LOSSES
+
+    spec, _ = load_sweep("comparison")
+    (method,) = [p for p in parse_space(spec.space) if p.name == "method"]
+    losses = {bundle["feature.loss"] for bundle in method.args.values()}
+    assert losses == (set(FEATURE_LOSSES) - {"mse_std"}) | {"none"}
+
+
 def test_space_covers_the_mission_dimensions():
     spec, _ = load_sweep("quickstart")
     keys = {k for p in parse_space(spec.space) for k in ([p.name] if p.kind != "bundles" else [])}
