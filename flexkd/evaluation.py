@@ -1,4 +1,4 @@
-"""Evaluation: accuracy and macro-F1 for classification; greedy decoding with ROUGE-L F1 and exact match for
+"""Evaluation: accuracy, macro-F1 and calibration (ECE) for classification; greedy decoding with ROUGE-L F1 and exact match for
 generation. Every metric is built from sums, so shards evaluated by several workers add up with one all-reduce.
 """
 
@@ -32,6 +32,31 @@ def macro_f1(confusion: torch.Tensor) -> float:
     return float(f1[present].mean()) if present.any() else 0.0
 
 
+ECE_BINS = 15
+
+
+def calibration_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(3, ECE_BINS) float64 sums for the expected calibration error: per confidence bin the example count,
+    the sum of confidences (the top softmax probability) and the number correct. Bins are equal-width on
+    (0, 1], bin b holding confidences in (b/B, (b+1)/B]. Sums, so shards add up with one all-reduce."""
+    probs = torch.softmax(logits.detach().double(), dim=-1)
+    confidence, predicted = probs.max(-1)
+    bins = (torch.ceil(confidence * ECE_BINS).long() - 1).clamp(0, ECE_BINS - 1)
+    sums = torch.zeros(3, ECE_BINS, dtype=torch.float64)
+    sums[0].index_add_(0, bins, torch.ones_like(confidence))
+    sums[1].index_add_(0, bins, confidence)
+    sums[2].index_add_(0, bins, (predicted == labels.to(predicted.device)).double())
+    return sums
+
+
+def expected_calibration_error(sums: torch.Tensor) -> float:
+    """ECE = sum over bins of (n_b / n) * |accuracy_b - mean confidence_b| (Guo et al. 2017), from
+    ``calibration_sums``. 0: confidences match the accuracy they come with; an over- or under-confident model
+    scores up to 1."""
+    n = sums[0].sum().clamp_min(1)
+    return float((sums[1] - sums[2]).abs().sum() / n)
+
+
 def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower())
 
@@ -57,7 +82,7 @@ def _shard(n: int) -> range:
 def evaluate(model, examples: list[dict], rows: list[dict], cfg: Config, tok, device, prefix: str) -> dict:
     """Metrics of ``model`` on one split; ``examples`` are the encoded ``rows``. Sharded across ranks.
 
-    Returns ``{prefix/loss, prefix/accuracy, prefix/macro_f1}`` or ``{prefix/loss, prefix/rouge_l,
+    Returns ``{prefix/loss, prefix/accuracy, prefix/macro_f1, prefix/ece, prefix/confidence}`` or ``{prefix/loss, prefix/rouge_l,
     prefix/exact_match}``, plus ``prefix/examples``.
     """
     net = unwrap(model)
@@ -70,6 +95,7 @@ def evaluate(model, examples: list[dict], rows: list[dict], cfg: Config, tok, de
     num_labels = getattr(net.config, "num_labels", 0)
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of batch-mean losses x batch size, examples)
     confusion = torch.zeros(num_labels, num_labels, dtype=torch.float64) if classification else None
+    calibration = torch.zeros(3, ECE_BINS, dtype=torch.float64)
     gen = torch.zeros(3, dtype=torch.float64)  # rouge-L sum, exact-match sum, examples
     # Under FSDP every forward is a collective: all ranks run as many batches as the largest shard (rank 0's);
     # a rank that has run out repeats example 0 and ignores it, and decoding keeps ranks in step (synced).
@@ -94,6 +120,7 @@ def evaluate(model, examples: list[dict], rows: list[dict], cfg: Config, tok, de
             pred = out.logits.argmax(-1).cpu()
             for t, p in zip(batch["labels"].cpu().tolist(), pred.tolist()):
                 confusion[t, p] += 1
+            calibration += calibration_sums(out.logits.cpu(), batch["labels"].cpu())
         for i, text in zip(idx, texts):
             ref = reference_text(rows[i], cfg.data)
             hit = float(normalise(text) == normalise(ref))
@@ -107,6 +134,10 @@ def evaluate(model, examples: list[dict], rows: list[dict], cfg: Config, tok, de
         confusion = all_reduce_sum(confusion)
         metrics[f"{prefix}/accuracy"] = float(confusion.diag().sum() / confusion.sum().clamp_min(1))
         metrics[f"{prefix}/macro_f1"] = macro_f1(confusion)
+        calibration = all_reduce_sum(calibration)
+        metrics[f"{prefix}/ece"] = expected_calibration_error(calibration)
+        # Mean top-class probability: beside the accuracy it says over- (higher) or under-confident (lower).
+        metrics[f"{prefix}/confidence"] = float(calibration[1].sum() / calibration[0].sum().clamp_min(1))
     else:
         gen = all_reduce_sum(gen)
         metrics[f"{prefix}/rouge_l"] = float(gen[0] / gen[2].clamp_min(1))

@@ -123,6 +123,31 @@ def test_accuracy_and_macro_f1_equal_scikit_learn():
     assert macro_f1(confusion) == pytest.approx(f1_score(truth, predicted, average="macro"), abs=1e-12)
 
 
+def test_expected_calibration_error_equals_a_loop_over_examples():
+    from flexkd.evaluation import ECE_BINS, calibration_sums, expected_calibration_error
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 3, generator=gen) * 3
+    labels = torch.randint(0, 3, (300,), generator=gen)
+    # Slow reference: each example into its bin by a loop over the bin edges, then the weighted gaps.
+    bins = [[] for _ in range(ECE_BINS)]
+    for row, label in zip(logits.double().softmax(-1).tolist(), labels.tolist()):
+        conf = max(row)
+        b = next(i for i in range(ECE_BINS) if conf <= (i + 1) / ECE_BINS)
+        bins[b].append((conf, float(row.index(conf) == label)))
+    expected = sum(
+        len(b) / 300 * abs(sum(c for c, _ in b) / len(b) - sum(h for _, h in b) / len(b)) for b in bins if b
+    )
+    halves = calibration_sums(logits[:120], labels[:120]) + calibration_sums(logits[120:], labels[120:])
+    assert expected_calibration_error(halves) == pytest.approx(expected, abs=1e-12)
+    # A model whose confidence equals its accuracy in every bin scores 0; a confidently wrong one near 1.
+    sure_wrong = torch.tensor([[10.0, -10.0]] * 8)
+    assert expected_calibration_error(calibration_sums(sure_wrong, torch.ones(8, dtype=torch.long))) > 0.99
+    right_half = torch.zeros(8, 2)  # confidence 0.5 everywhere, half of them right
+    half = torch.tensor([0, 1] * 4)
+    assert expected_calibration_error(calibration_sums(right_half, half)) == pytest.approx(0.0, abs=1e-12)
+
+
 def _lcs(a: list[str], b: list[str]) -> int:
     table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
     for i in range(len(a)):
