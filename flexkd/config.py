@@ -153,7 +153,9 @@ class Feature:
     layers: Any = "last"
     """Layer map: 'last', 'uniform:K', 'T:S,T:S' or [[T, S], ...]; indices into hidden_states, negatives allowed."""
     tokens: str = "all"
-    """Positions aligned: all (every non-padding token) | response (positions that enter the task loss)."""
+    """Positions aligned: all (every non-padding token) | response (generation: the positions that enter the
+    task loss) | head (the positions the task head reads: position 0 of a classifier, whose [CLS] / <s> state
+    is all its head sees, or a generation task's response positions)."""
 
 
 @dataclass
@@ -424,7 +426,7 @@ def validate(cfg: Config) -> None:
     _at_least("selection.k", cfg.selection.k, 0)
 
     _choice("feature.loss", cfg.feature.loss, FEATURE_LOSS_NAMES)
-    _choice("feature.tokens", cfg.feature.tokens, ("all", "response"))
+    _choice("feature.tokens", cfg.feature.tokens, ("all", "response", "head"))
     if cfg.feature.tokens == "response" and cfg.data.task == "classification":
         raise ConfigError(
             "feature.tokens: 'response' needs a generation task; classification has no response tokens"

@@ -17,6 +17,20 @@ from flexkd.losses import FEATURE_LOSSES, TopK, kd_on_rows, task_loss, top_k_log
 from flexkd.signals import effective_top_k, teacher_forward
 
 
+def feature_positions(tokens: str, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions a feature loss aligns (``feature.tokens``). all: every non-padding token.
+    response: ``loss_mask``, the (B, T) positions of a generation task's loss. head: the positions the task
+    head reads, which for a classifier (``loss_mask`` is (B,)) is position 0 alone: its last layer passes
+    task gradient nowhere else, so that is where the gradient scores were measured."""
+    if tokens == "all":
+        return attention_mask.bool()
+    if loss_mask.dim() == 1:  # classification; 'response' is refused for it before any run starts
+        head = torch.zeros_like(attention_mask, dtype=torch.bool)
+        head[:, 0] = attention_mask[:, 0].bool()
+        return head
+    return loss_mask
+
+
 @dataclass
 class Objective:
     """``objective(model, batch)`` -> {"task": ..., "kd": ..., "feat": ...} (only the terms that are on), each a
@@ -94,7 +108,7 @@ class Objective:
             terms["kd"] = kd_on_rows(cfg.kd.loss, s_rows, t_rows, cfg.kd.temperature, cfg.kd.skew)
         if features_on:
             feature_loss = FEATURE_LOSSES[cfg.feature.loss]
-            token_mask = batch["attention_mask"].bool() if cfg.feature.tokens == "all" else loss_mask
+            token_mask = feature_positions(cfg.feature.tokens, batch["attention_mask"], loss_mask)
             per_layer = [
                 feature_loss(
                     out.hidden_states[s_layer],

@@ -269,3 +269,17 @@ def test_a_constant_feature_column_gives_finite_gradients(name, hidden):
     loss = FEATURE_LOSSES[name](hs, ht, mask, units)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(hs.grad).all()
+
+
+def test_feature_positions_per_tokens_setting():
+    """all: the attention mask; response: the loss positions; head: position 0 of a classifier (the only
+    position its head reads), a generation task's loss positions."""
+    from flexkd.objective import feature_positions
+
+    attention = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 1, 1, 1]])  # the last row is left-padded
+    loss_positions = torch.tensor([[False, True, True, False], [False, True, False, False], [False] * 4])
+    assert torch.equal(feature_positions("all", attention, torch.ones(3, dtype=torch.bool)), attention.bool())
+    assert torch.equal(feature_positions("response", attention, loss_positions), loss_positions)
+    assert torch.equal(feature_positions("head", attention, loss_positions), loss_positions)
+    head = feature_positions("head", attention, torch.ones(3, dtype=torch.bool))
+    assert head.tolist() == [[True, False, False, False], [True, False, False, False], [False] * 4]

@@ -24,6 +24,7 @@ LOSSES = [
     ("skl+mse_std", ["kd.loss=skl", "feature.loss=mse_std"]),
     ("srkl+projector", ["kd.loss=srkl", "feature.loss=projector"]),
     ("jsd+pearson/response", ["kd.loss=jsd", "feature.loss=pearson", "feature.tokens=response"]),
+    ("fkl+pearson/head", ["kd.loss=fkl", "feature.loss=pearson", "feature.tokens=head"]),
     ("fkl/T2 only", ["kd.loss=fkl", "feature.loss=none", "kd.temperature=2.0"]),
 ]
 
