@@ -17,6 +17,30 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 ASSETS = Path(os.environ.get("FLEXKD_ASSETS", "~/kd-assets")).expanduser()
 
+# The methods the quality benchmarks compare, as `flexkd train` overrides (logit KD is the presets' default).
+METHODS = {
+    "SFT": ["feature.loss=none", "kd.loss=none"],
+    "logit KD": ["feature.loss=none"],
+    "projector + KD": ["feature.loss=projector"],
+    "CKA + KD": ["feature.loss=cka"],
+    "Gram + KD": ["feature.loss=gram"],
+    "Flex-KD + KD": ["feature.loss=pearson"],
+}
+STRATEGIES = ["gradient", "random", "variance", "first"]
+
+
+def cli(words: list[str], log: Path) -> float:
+    """Run `flexkd WORDS --quiet` in a subprocess, its output into ``log``; its wall seconds. Exits on failure."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "tuning.cli", *words, "--quiet"]
+    started = time.time()
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n  log: {log}")
+    return time.time() - started
+
 
 def machine() -> str:
     import torch

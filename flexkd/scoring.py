@@ -110,12 +110,9 @@ def _require_grad_hook(module, inputs, output):
     return output.detach().requires_grad_(True)
 
 
-def score_batch(teacher: torch.nn.Module, batch: dict, layers: list[int]) -> ScoreSet:
-    """Score one batch. ``batch`` as from ``flexkd.data.collate`` (teacher ids used when present).
-
-    The task loss L is the batch mean (over its labelled positions, or its examples for classification);
-    the sums run over the batch's token-mask positions.
-    """
+def task_gradients(teacher: torch.nn.Module, batch: dict, layers: list[int]):
+    """(hidden states, gradients of the batch-mean task loss with respect to them) at ``layers``, each
+    (B, T, d); a gradient is None where the loss does not depend on that layer. Teacher ids used when present."""
     ids = batch.get("teacher_input_ids", batch["input_ids"])
     attn = batch.get("teacher_attention_mask", batch["attention_mask"])
     handle = teacher.get_input_embeddings().register_forward_hook(_require_grad_hook)
@@ -127,6 +124,18 @@ def score_batch(teacher: torch.nn.Module, batch: dict, layers: list[int]) -> Sco
             grads = torch.autograd.grad(loss, hidden, allow_unused=True)
     finally:
         handle.remove()
+    return hidden, grads
+
+
+def score_batch(teacher: torch.nn.Module, batch: dict, layers: list[int]) -> ScoreSet:
+    """Score one batch. ``batch`` as from ``flexkd.data.collate`` (teacher ids used when present).
+
+    The task loss L is the batch mean (over its labelled positions, or its examples for classification);
+    the sums run over the batch's token-mask positions.
+    """
+    hidden, grads = task_gradients(teacher, batch, layers)
+    attn = batch.get("teacher_attention_mask", batch["attention_mask"])
+    ids = batch.get("teacher_input_ids", batch["input_ids"])
     mask = attn.unsqueeze(-1).to(torch.float64)
     result = ScoreSet(examples=ids.shape[0])
     for layer, h, g in zip(layers, hidden, grads):
