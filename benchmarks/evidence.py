@@ -1,0 +1,251 @@
+"""Why does (or doesn't) gradient selection beat random units? Evidence from a finished science.py cell.
+
+For one classification cell of `benchmarks/science.py` (default imdb:narrow) it measures, on the fine-tuned
+teacher and the validation rows:
+
+1. where the task gradient is non-zero: the share of the squared gradient of the teacher's task loss with
+   respect to each hidden layer that sits at position 0 (a BERT-style classifier's head reads position 0 only);
+2. how concentrated the gradient scores are (selection.json of the Flex-KD run): the share of the total score
+   in the top k units, what a random k would hold (k / d), and the largest score over the median;
+3. which units the task uses: each last-layer unit's importance as the rise of the teacher's validation loss
+   when that unit is replaced at position 0 by its mean (the head sees nothing else), against the gradient
+   scores (Spearman), and the share of the total importance each selection (gradient, variance, first, random)
+   holds;
+4. the per-unit correlation the students reached: for the Flex-KD runs aligned at every position and at the
+   head's position only, the Pearson correlation of each aligned student dim with its teacher unit on
+   validation rows, over every position and over position 0 alone.
+
+    python benchmarks/evidence.py --out bench-science --cell imdb:narrow
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import science  # noqa: E402
+import torch  # noqa: E402
+from common import table, write_json  # noqa: E402
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = a.double().argsort().argsort().double()
+    rb = b.double().argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def pearson_per_unit(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(k,) Pearson correlation of column j of s with column j of t, over the rows."""
+    s = s.double() - s.double().mean(0)
+    t = t.double() - t.double().mean(0)
+    return (s * t).sum(0) / (s.norm(dim=0) * t.norm(dim=0)).clamp_min(1e-12)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench-science")
+    parser.add_argument("--cell", default="imdb:narrow")
+    parser.add_argument("--examples", type=int, default=256, help="validation rows measured")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    task, student = science.parse_cell(args.cell)
+    if science.TASKS[task]["metric"] != "accuracy":
+        sys.exit("--cell: the evidence reads a classifier's head; pick a classification cell")
+
+    from flexkd.config import load_config
+    from flexkd.selection import load_selection
+    from flexkd.workbench import open_workbench
+
+    runs = out / task / student / "runs"
+    flex = sorted(p for p in runs.glob("Flex-KD_KD-lr*-s0") if (p / "selection.json").exists())
+    if not flex:
+        sys.exit(
+            f"{runs}: no finished Flex-KD + KD run on seed 0 yet (run benchmarks/science.py --cells {args.cell})"
+        )
+    # The lr the sweep chose is the one the ablation ran at.
+    ablated = {p.name.split("-lr")[1].split("-s")[0] for p in runs.glob("Flex-KD_KD-random-*-s0")}
+    run = next((p for p in flex if p.name.split("-lr")[1].split("-s")[0] in ablated), flex[0])
+    lr = run.name.split("-lr")[1].split("-s")[0]
+    cfg = load_config(str(run / "config.yaml"), ["signals.mode=live"])
+    bench = open_workbench(cfg, need_teacher=True)
+    teacher = bench.teacher.eval()
+    rows = bench.data.val[: args.examples]
+    examples = bench.encode_rows(rows)
+    torch.manual_seed(0)
+    report: dict = {"cell": args.cell, "run": run.name, "examples": len(rows)}
+
+    # 1. Where the task gradient is.
+    from flexkd.losses import task_loss
+    from flexkd.scoring import task_gradients
+
+    layers = list(range(1, teacher.config.num_hidden_layers + 1))
+    share = torch.zeros(len(layers) + 1, dtype=torch.float64)
+    total = torch.zeros(len(layers) + 1, dtype=torch.float64)
+    hidden0, labels = [], []
+    for i in range(0, len(examples), 16):
+        batch = bench.batch(examples[i : i + 16])
+        hidden, grads = task_gradients(teacher, batch, layers)
+        for layer, g in zip(layers, grads):
+            if g is not None:
+                g = g.double() ** 2
+                share[layer] += g[:, 0].sum()
+                total[layer] += g.sum()
+        hidden0.append(hidden[-1][:, :1].detach())  # the last layer: what the classifier head reads
+        labels.append(batch["labels"])
+    at0 = (share[1:] / total[1:].clamp_min(1e-300)).tolist()
+    report["gradient_share_at_position_0"] = {str(layer): v for layer, v in enumerate(at0, start=1)}
+    print(
+        f"# evidence: {args.cell}, teacher {cfg.teacher.path}, {len(rows)} validation rows; Flex-KD run {run.name}"
+    )
+    print("\n## 1. share of the task gradient's squared norm at position 0, per teacher layer")
+    print(
+        table(
+            [{"layer": layer, "share at position 0": f"{v:.4f}"} for layer, v in enumerate(at0, start=1)],
+            ["layer", "share at position 0"],
+        )
+    )
+
+    # 2. Score concentration.
+    # The deepest aligned pair (feature.layers=last: the only one).
+    sel = load_selection(run / "selection.json")[0][-1]
+    scores = torch.tensor(sel.scores, dtype=torch.float64)
+    d, k = scores.numel(), sel.k
+    order = scores.argsort(descending=True)
+    conc = {
+        "d": d,
+        "k": k,
+        "top_k_share": float(scores[order[:k]].sum() / scores.sum()),
+        "random_k_share": k / d,
+        "top_half_share": float(scores[order[: d // 2]].sum() / scores.sum()),
+        "max_over_median": float(scores.max() / scores.median()),
+    }
+    report["score_concentration"] = conc
+    print("\n## 2. how concentrated the gradient scores are")
+    print(table([{k_: (f"{v:.4f}" if isinstance(v, float) else v) for k_, v in conc.items()}], list(conc)))
+
+    # 3. Which units the task uses: mean-ablation at position 0 through the teacher's own head.
+    h0 = torch.cat(hidden0).detach()  # (N, 1, d)
+    y = torch.cat(labels)
+    head = teacher.classifier
+    with torch.no_grad():
+        base = float(task_loss(head(h0), y))
+        mean = h0.mean(0, keepdim=True)
+        importance = torch.empty(d, dtype=torch.float64)
+        for unit in range(d):
+            h = h0.clone()
+            h[:, :, unit] = mean[:, :, unit]
+            importance[unit] = float(task_loss(head(h), y)) - base
+    used = importance.clamp_min(0)
+    picks = {"gradient": order[:k]}
+    selections = sorted(
+        p for p in runs.glob(f"Flex-KD_KD-*-k{k}-all-lr{lr}-s0") if (p / "selection.json").exists()
+    )
+    for p in selections:
+        other = load_selection(p / "selection.json")[0][-1]
+        picks[other.strategy] = torch.tensor(other.indices)
+    imp = {
+        name: {
+            "importance_share": float(used[idx].sum() / used.sum()),
+            "overlap_with_gradient": len(set(idx.tolist()) & set(picks["gradient"].tolist())) / k,
+        }
+        for name, idx in picks.items()
+    }
+    top_imp = importance.argsort(descending=True)[:k]
+    report["task_use"] = {
+        "base_val_loss": base,
+        "spearman_score_vs_importance": spearman(scores, importance),
+        "best_possible_share": float(used[top_imp].sum() / used.sum()),
+        "by_selection": imp,
+    }
+    print(f"\n## 3. which units the head uses: mean-ablation at position 0 (val loss {base:.4f} intact)")
+    print(
+        f"Spearman(gradient score, ablation importance) = {report['task_use']['spearman_score_vs_importance']:.3f};"
+        f" the {k} most important units hold {report['task_use']['best_possible_share']:.1%} of the importance"
+    )
+    print(
+        table(
+            [
+                {
+                    "selection": n,
+                    "importance held": f"{v['importance_share']:.1%}",
+                    "overlap with gradient": f"{v['overlap_with_gradient']:.1%}",
+                }
+                for n, v in imp.items()
+            ],
+            ["selection", "importance held", "overlap with gradient"],
+        )
+    )
+
+    # 4. Per-unit correlation reached by the students.
+    from transformers import AutoModelForSequenceClassification
+
+    teacher_hidden: dict[int, list[torch.Tensor]] = {}  # the teacher's states per layer, once per batch
+
+    def teacher_states(layer: int) -> list[torch.Tensor]:
+        if layer not in teacher_hidden:
+            with torch.no_grad():
+                teacher_hidden[layer] = [
+                    teacher(
+                        input_ids=b.get("teacher_input_ids", b["input_ids"]),
+                        attention_mask=b.get("teacher_attention_mask", b["attention_mask"]),
+                        output_hidden_states=True,
+                    ).hidden_states[layer]
+                    for b in batches
+                ]
+        return teacher_hidden[layer]
+
+    batches = [bench.batch(examples[i : i + 32]) for i in range(0, len(examples), 32)]
+    reached = []
+    for p in sorted(runs.glob(f"Flex-KD_KD*-lr{lr}-s0")):
+        if not (p / "student").exists() or not (p / "selection.json").exists():
+            continue
+        ps = load_selection(p / "selection.json")[0][-1]
+        model = AutoModelForSequenceClassification.from_pretrained(p / "student").eval()
+        units = torch.tensor(ps.indices)
+        s_all, t_all, s0, t0 = [], [], [], []
+        with torch.no_grad():
+            for batch, th in zip(batches, teacher_states(ps.teacher_layer)):
+                sh = model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    output_hidden_states=True,
+                ).hidden_states[ps.student_layer]
+                mask = batch["attention_mask"].bool()
+                s_all.append(sh[..., : ps.k][mask])
+                t_all.append(th[..., units][mask])
+                s0.append(sh[:, 0, : ps.k])
+                t0.append(th[:, 0, units])
+        r_all = pearson_per_unit(torch.cat(s_all), torch.cat(t_all))
+        r_0 = pearson_per_unit(torch.cat(s0), torch.cat(t0))
+        tokens = "head" if "-head-" in p.name else "all"
+        metrics = json.loads((p / "metrics.json").read_text())
+        reached.append(
+            {
+                "run": p.name,
+                "selection": ps.strategy,
+                "k": ps.k,
+                "aligned": tokens,
+                "mean r, every position": f"{float(r_all.mean()):.3f}",
+                "mean r, position 0": f"{float(r_0.mean()):.3f}",
+                "test accuracy": f"{metrics['test/accuracy']:.4f}",
+            }
+        )
+    report["correlation_reached"] = reached
+    print("\n## 4. per-unit Pearson correlation the students reached on validation rows (seed 0)")
+    print(
+        table(
+            reached,
+            ["selection", "k", "aligned", "mean r, every position", "mean r, position 0", "test accuracy"],
+        )
+    )
+    write_json(str(out / f"evidence-{task}-{student}.json"), report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
