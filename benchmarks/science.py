@@ -502,18 +502,21 @@ def plot(cells: list[Cell], payload: dict, path: Path) -> None:
         ax = axes[1, j]
         if s["ablation"]:
             labels = [
-                f"{r['selection']}\nk={r['k']}{' head' if r['tokens'] == 'head' else ''}"
+                f"{r['selection']} k={r['k']}" + (", head only" if r["tokens"] == "head" else "")
                 for r in s["ablation"]
             ]
             seeds_and_mean(ax, s["ablation"])
-            ax.set_xticks(range(len(labels)), labels, fontsize=7)
+            ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=30, ha="right")
             ax.set_title("Flex-KD + KD: which units, how many, where")
             ax.set_ylabel(f"test {cell.metric}")
         else:
             ax.set_axis_off()
         ax = axes[2, j]
         for r in payload["cells"][key]["runs"]:
-            if r["seed"] == 0 and r["curve"] and r["strategy"] == "gradient" and r["tokens"] == "all":
+            main_variant = (
+                r["strategy"] == "gradient" and r["tokens"] == "all" and r["k"] == cell.who["hidden"]
+            )
+            if r["seed"] == 0 and r["curve"] and main_variant:
                 steps, values = zip(*r["curve"])
                 # Each method's own loss on its own scale: divided by its first logged value to compare shapes.
                 ax.plot(
