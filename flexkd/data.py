@@ -528,6 +528,21 @@ def reference_text(row: dict, cfg: Data) -> str:
     return str(row[TARGET_FIELD[cfg.task]])
 
 
+def model_input_key(row: dict, task: str) -> tuple:
+    """What the model is shown of a row (every task field but the target): two rows with the same key ask
+    the same question, whatever their answers."""
+    target = "label" if task == "classification" else TARGET_FIELD[task]
+    return tuple(str(row.get(name)) for name in TASK_COLUMNS[task] if name != target)
+
+
+def unseen_rows(rows: list[dict], train: list[dict], task: str) -> list[dict]:
+    """The rows whose model input never occurs in ``train``: held out in fact, not only by index. A corpus
+    with repeated questions (ChatterBot has many) puts copies of training rows in a carved-out test split,
+    and a metric over those measures memorisation."""
+    seen = {model_input_key(r, task) for r in train}
+    return [r for r in rows if model_input_key(r, task) not in seen]
+
+
 def collate(examples: list[dict], pad_id: int, teacher_pad_id: int | None = None):
     """Right-pad a micro-batch into tensors.
 

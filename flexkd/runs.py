@@ -172,7 +172,7 @@ def write_selection(cfg: Config, selections) -> Path:
 
 def evaluate_saved(cfg: Config, model_path: str, split: str) -> dict:
     """`flexkd eval`: metrics of a saved model folder (a run's student/, or a teacher) on val or test."""
-    from flexkd.data import encode, load_task_data
+    from flexkd.data import encode, load_task_data, unseen_rows
     from flexkd.evaluation import evaluate
     from flexkd.models import load_pretrained, load_tokenizer
     from flexkd.workbench import pick_device
@@ -180,13 +180,17 @@ def evaluate_saved(cfg: Config, model_path: str, split: str) -> dict:
     if not Path(model_path, "config.json").is_file():
         raise ConfigError(f"{model_path}: not a Hugging Face model folder (no config.json)")
     data = load_task_data(cfg.data)
-    rows = {"val": data.val, "test": data.test, "train": data.train}[split]
+    held_out, _, unseen = split.partition("-")
+    rows = {"val": data.val, "test": data.test, "train": data.train}[held_out]
+    if unseen:  # val-unseen / test-unseen: only the rows whose input no training row has
+        rows = unseen_rows(rows, data.train, cfg.data.task)
     if not rows:
         raise ConfigError(
-            f"--split: the {split} split is empty for this config (see data.test_size / data.test_split)"
+            f"--split: the {split} split is empty for this config (see data.test_size / data.test_split"
+            + (", and every one of its rows repeats a training row's input)" if unseen else ")")
         )
     tok = load_tokenizer(model_path, cfg.data.task)
     device = pick_device(cfg)
     model = load_pretrained(model_path, cfg.data.task, data.label_names, tok).to(device)
     examples = [encode(r, tok, cfg.data, data.label_names) for r in rows]
-    return evaluate(model, examples, rows, cfg, tok, device, split)
+    return evaluate(model, examples, rows, cfg, tok, device, split.replace("-", "_"))

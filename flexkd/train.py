@@ -29,7 +29,7 @@ from transformers import get_scheduler
 
 from flexkd import checkpoint as ckpt
 from flexkd.config import Config
-from flexkd.data import describe_splits, micro_batches, model_inputs, step_indices
+from flexkd.data import describe_splits, micro_batches, model_inputs, step_indices, unseen_rows
 from flexkd.distributed import all_reduce_sum, loss_group, rank, world_size, wrap_distributed
 from flexkd.evaluation import evaluate
 from flexkd.models import build_student, hidden_size
@@ -104,6 +104,17 @@ def train(
         len(test_examples),
         world,
     )
+    for split, rows in (("val", val_rows), ("test", test_rows)):
+        repeats = len(rows) - len(unseen_rows(rows, data.train, cfg.data.task))
+        if repeats:
+            log.warning(
+                "data: %d of %d %s rows ask what a training row asks (same input); their metrics measure"
+                " recall of the training set. `flexkd eval ... --split %s-unseen` scores only the others",
+                repeats,
+                len(rows),
+                split,
+                split,
+            )
 
     if signals is not None:
         signals.check_covers(len(train_examples))

@@ -15,6 +15,7 @@ from flexkd.data import (
     micro_batches,
     shard_batches,
     step_indices,
+    unseen_rows,
 )
 
 from .fixtures import write_jsonl
@@ -154,6 +155,24 @@ def test_local_files_with_a_column_map(tmp_path):
     assert again.val == data.val and again.train == data.train  # deterministic in data.split_seed
     other = load_task_data(Data(**{**vars(cfg), "split_seed": 7}))
     assert other.val != data.val
+
+
+def test_unseen_rows_drop_held_out_rows_whose_input_a_training_row_has(tmp_path):
+    # Questions repeat with other answers, as in ChatterBot: q0..q9 each twice, q10..q19 once.
+    rows = [{"instruction": f"q{i % 20}", "response": f"a{i}"} for i in range(30)]
+    cfg = Data(
+        task="instruction", source=str(write_jsonl(tmp_path / "qa.jsonl", rows)), val_size=0, test_size=10
+    )
+    data = load_task_data(cfg)
+    asked = {r["instruction"] for r in data.train}
+    unseen = unseen_rows(data.test, data.train, "instruction")
+    # The slow way: a test row is unseen when no training row has its question, whatever the answers.
+    assert unseen == [r for r in data.test if r["instruction"] not in asked]
+    assert 0 < len(unseen) < len(data.test)  # this split has both kinds
+    # Classification: the text alone decides; a repeated text with another label is still a repeat.
+    train = [{"text": "good film", "label": "positive"}, {"text": "bad film", "label": "negative"}]
+    held = [{"text": "good film", "label": "negative"}, {"text": "fine film", "label": "positive"}]
+    assert unseen_rows(held, train, "classification") == [held[1]]
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "json"])

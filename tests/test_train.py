@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification
 
 from flexkd import artifacts, demo
 from flexkd.config import load_config
+from flexkd.data import load_task_data, unseen_rows
 from flexkd.models import freeze, load_teacher
 from flexkd.runs import distil
 from flexkd.selection import load_selection
@@ -210,6 +211,12 @@ def test_cli_teacher_train_score_eval(tmp_path, monkeypatch, capsys):
     )
     result = json.loads(capsys.readouterr().out)
     assert result["test/examples"] == 40 and 0 <= result["test/accuracy"] <= 1
+    # test-unseen: the test rows whose text no training row has, under their own metric names.
+    assert main(["eval", "demo", "--model", "flexkd-runs/demo/student", "--split", "test-unseen"]) == 0
+    unseen = json.loads(capsys.readouterr().out)
+    data = load_task_data(load_config("demo", []).data)
+    assert unseen["test_unseen/examples"] == len(unseen_rows(data.test, data.train, "classification"))
+    assert 0 <= unseen["test_unseen/accuracy"] <= 1
 
 
 def test_a_second_run_with_the_same_scoring_settings_does_not_rescore(disk, tmp_path):

@@ -5,7 +5,7 @@
     flexkd train   CONFIG [key=value ...] [--resume]
     flexkd score   CONFIG [key=value ...]
     flexkd signals CONFIG [key=value ...] [--list] [--delete KEY|all]
-    flexkd eval    CONFIG [key=value ...] --model DIR [--split val|test]
+    flexkd eval    CONFIG [key=value ...] --model DIR [--split val|test|val-unseen|test-unseen]
     flexkd sweep   SWEEP  [key=value ...] [--dry-run] [--resume]
     flexkd submit  SWEEP  [key=value ...] --address URL [--wait] [--dry-run]
 
@@ -317,7 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--delete", metavar="KEY", help="delete one cache (its folder name) or all")
         if name == "eval":
             p.add_argument("--model", required=True, help="model folder, e.g. RUN/student")
-            p.add_argument("--split", default="test", choices=["val", "test", "train"])
+            p.add_argument(
+                "--split",
+                default="test",
+                choices=["val", "test", "train", "val-unseen", "test-unseen"],
+                help="*-unseen: only the held-out rows whose input no training row has",
+            )
     return parser
 
 
