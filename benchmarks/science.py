@@ -68,6 +68,7 @@ TASKS = {
     "spam": {
         "preset": "imdb-bert",
         "metric": "accuracy",
+        "unseen_test": True,  # 66 of its 1000 test emails repeat a training email
         "overrides": [
             f"data.source={ASSETS / 'data/spamassassin.jsonl'}",
             "data.max_length=128",
@@ -83,6 +84,7 @@ TASKS = {
     "chatterbot": {
         "preset": "smollm-chatterbot",
         "metric": "rouge_l",
+        "unseen_test": True,  # 143 of its 200 test questions are asked in training too (the corpus repeats them)
         "overrides": [
             f"data.source={ASSETS / 'data/chatterbot_qa.jsonl'}",
             f"teacher.base={ASSETS / SMOLLM}",
@@ -92,6 +94,7 @@ TASKS = {
     "debian": {
         "preset": "smollm-debian",
         "metric": "rouge_l",
+        "unseen_test": True,
         "overrides": [
             f"data.source={ASSETS / 'data/debian_descriptions.jsonl'}",
             f"teacher.base={ASSETS / SMOLLM}",
@@ -203,10 +206,23 @@ class Cell:
             (folder / "wall.json").write_text(json.dumps({"wall_s": wall}))
             stamp(f"{self.task}:{self.student} {name}: {wall:.0f}s")
         metrics = json.loads((folder / "metrics.json").read_text())
+        metrics.update(self.unseen(folder, name))
         wall = folder / "wall.json"
         metrics["wall_s"] = json.loads(wall.read_text())["wall_s"] if wall.exists() else float("nan")
         metrics["curve"] = feature_curve(folder)
         return metrics
+
+    def unseen(self, folder: Path, name: str) -> dict:
+        """test_unseen/* of a finished run: its student on the test rows whose input no training row has
+        (`flexkd eval --split test-unseen`), once; {} for a task without repeats or under --report."""
+        path = folder / "unseen.json"
+        if self.spec.get("unseen_test") and not path.exists() and not self.args.report:
+            log = self.folder / "logs" / f"{name}-unseen.log"
+            config = str(folder / "config.yaml")
+            cli(["eval", config, "--model", str(folder / "student"), "--split", "test-unseen"], log)
+            text = log.read_text()
+            path.write_text(text[text.index("{") : text.rindex("}") + 1])
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def prepare(self) -> None:
         """The task's teacher (fine-tuned once) and its signals (stored once), shared by every student."""
@@ -225,6 +241,12 @@ class Cell:
             cli(["eval", *common, "--model", str(self.root / "teacher"), "--split", "test"], log)
             text = log.read_text()
             evaluated.write_text(text[text.index("{") : text.rindex("}") + 1])
+        unseen = self.root / "teacher-test-unseen.json"
+        if self.spec.get("unseen_test") and not unseen.exists():
+            log = logs / "teacher-eval-unseen.log"
+            cli(["eval", *common, "--model", str(self.root / "teacher"), "--split", "test-unseen"], log)
+            text = log.read_text()
+            unseen.write_text(text[text.index("{") : text.rindex("}") + 1])
         if not (self.root / "signals.done").exists():
             stamp(f"{self.task}: storing the teacher's signals")
             wall = cli(["signals", *common], logs / "signals.log")
@@ -312,6 +334,8 @@ def converged(curve: list[tuple[int, float]]) -> float:
     return (last - late) / abs(late) if late else float("nan")
 
 
+UNSEEN = "unseen test rows"  # the metric on the test rows whose input no training row has
+UNSEEN_DIFF = "Flex-KD − this, unseen"
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -327,23 +351,37 @@ def paired_interval(a: list[float], b: list[float]) -> tuple[float, float, int]:
 def _mean_std(values: list[float]) -> str:
     if not values:
         return ""
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"  # one seed: no spread to quote
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 def summarise(cell: Cell, results: dict) -> dict:
     metric = f"test/{cell.metric}"
     runs = results["runs"]
 
-    def by_seed(method, strategy="gradient", k=None, tokens="all") -> dict[int, float]:
+    unseen = f"test_unseen/{cell.metric}"
+
+    def by_seed(method, strategy="gradient", k=None, tokens="all", key=metric) -> dict[int, float]:
         k = k or cell.who["hidden"]
         return {
-            r["seed"]: r[metric]
+            r["seed"]: r[key]
             for r in runs
-            if r["method"] == method and r["strategy"] == strategy and r["k"] == k and r["tokens"] == tokens
+            if r["method"] == method
+            and r["strategy"] == strategy
+            and r["k"] == k
+            and r["tokens"] == tokens
+            and key in r
         }
 
+    def paired(a: dict[int, float], b: dict[int, float]) -> str:
+        seeds = sorted(set(a) & set(b))
+        d, h, n = paired_interval([a[s] for s in seeds], [b[s] for s in seeds])
+        return f"{d:+.4f} ± {h:.4f}" if n > 1 else (f"{d:+.4f}" if n else "")
+
     main = []
-    flex = by_seed(FLEX)
+    flex, flex_unseen = by_seed(FLEX), by_seed(FLEX, key=unseen)
+    has_unseen = any(unseen in r for r in runs)
     for method in METHODS:
         scores = by_seed(method)
         row = {
@@ -352,6 +390,10 @@ def summarise(cell: Cell, results: dict) -> dict:
             "seeds": len(scores),
             cell.metric: _mean_std(list(scores.values())),
         }
+        if has_unseen:
+            row[UNSEEN] = _mean_std(list(by_seed(method, key=unseen).values()))
+            if method != FLEX:
+                row[UNSEEN_DIFF] = paired(flex_unseen, by_seed(method, key=unseen))
         mine = [
             r
             for r in runs
@@ -393,6 +435,8 @@ def summarise(cell: Cell, results: dict) -> dict:
                 "seeds": len(scores),
                 cell.metric: _mean_std(list(scores.values())),
             }
+            if has_unseen:
+                row[UNSEEN] = _mean_std(list(by_seed(FLEX, strategy, k, tokens, unseen).values()))
             ref = by_seed(FLEX, "random", k, tokens)
             if strategy != "random" and ref:
                 seeds = sorted(set(ref) & set(scores))
@@ -410,6 +454,9 @@ def teacher_line(root: Path, metric: str) -> dict:
     m = json.loads(path.read_text())
     wall = root / "teacher" / "wall.json"
     out = {k: m[k] for k in m if k.startswith("test/")}
+    unseen = root / "teacher-test-unseen.json"
+    if unseen.exists():
+        out.update(json.loads(unseen.read_text()))
     out["wall_s"] = json.loads(wall.read_text())["wall_s"] if wall.exists() else float("nan")
     return out
 
@@ -445,6 +492,7 @@ def report(cells: list[Cell], cell_results: dict, out: Path) -> dict:
             "seeds",
             cell.metric,
             "Flex-KD − this (95% CI)",
+            *([UNSEEN, UNSEEN_DIFF] if any(UNSEEN in r for r in s["main"]) else []),
             "feat. loss start→end",
             "last-fifth change",
             "wall s/run",
@@ -461,7 +509,8 @@ def report(cells: list[Cell], cell_results: dict, out: Path) -> dict:
             print(
                 table(
                     s["ablation"],
-                    ["selection", "k", "tokens", "seeds", cell.metric, "this − random (95% CI)"],
+                    ["selection", "k", "tokens", "seeds", cell.metric, "this − random (95% CI)"]
+                    + ([UNSEEN] if any(UNSEEN in r for r in s["ablation"]) else []),
                 )
             )
     if any(cell_results[f"{c.task}:{c.student}"]["runs"] for c in cells):
