@@ -80,6 +80,10 @@ class Data:
     """Use at most this many training examples (0: all)."""
     split_seed: int = 1234
     """Seed of the train/val/test cut and of the scoring-set draw; independent of run.seed so seeds share data."""
+    split_by_input: bool = False
+    """Carve held-out splits by model input: rows that ask the same question (text, instruction + input, or
+    document) go to one split together, so no carved-out row repeats a training row's input (a carved split may
+    end a few rows over its size). For corpora that repeat their questions, such as ChatterBot's Q/A."""
 
 
 @dataclass

@@ -370,7 +370,16 @@ def split_task_data(raw: dict[str, list[dict]], cfg: Data) -> TaskData:
     train = _rename(train, cfg, f"{source} [{cfg.train_split}]")
     order = list(range(len(train)))
     random.Random(cfg.split_seed).shuffle(order)
-    taken = 0
+    # The units a held-out split is carved in: single rows, or with data.split_by_input every row that asks
+    # one question (its model input), so that no carved-out row repeats a training row's input.
+    units: list[list[int]] = [[i] for i in order]
+    if cfg.split_by_input:
+        groups: dict[tuple, list[int]] = {}
+        for i in order:
+            groups.setdefault(model_input_key(train[i], cfg.task), []).append(i)
+        units = list(groups.values())
+    taken = 0  # units
+    held: set[int] = set()
     sources = held_out_sources(cfg, raw)
 
     def carve(split: str, size: int, key: str) -> list[dict]:
@@ -381,18 +390,21 @@ def split_task_data(raw: dict[str, list[dict]], cfg: Data) -> TaskData:
             if rows is None:
                 raise ConfigError(f"{key}: {source} has no split {split_name!r}; it has {', '.join(raw)}")
             return _rename(rows, cfg, f"{source} [{split_name}]")
-        rows = [train[i] for i in order[taken : taken + size]]
-        taken += size
-        return rows
+        picked: list[int] = []
+        while len(picked) < size and taken < len(units):
+            picked += units[taken]  # whole groups: the split may end a few rows over its size
+            taken += 1
+        held.update(picked)
+        return [train[i] for i in picked]
 
     val = carve("validation", cfg.val_size, "data.val_split")
     test = carve("test", cfg.test_size, "data.test_split")
-    rest = [train[i] for i in sorted(order[taken:])]
+    rest = [train[i] for i in range(len(train)) if i not in held]
     if cfg.max_train_examples:
         rest = rest[: cfg.max_train_examples]
     if not rest:
         raise ConfigError(
-            f"data.val_size: holding out {taken} examples leaves no training data in {source} ({len(train)} rows)"
+            f"data.val_size: holding out {len(held)} examples leaves no training data in {source} ({len(train)} rows)"
         )
     label_names: list[str] = []
     if cfg.task == "classification":

@@ -175,6 +175,27 @@ def test_unseen_rows_drop_held_out_rows_whose_input_a_training_row_has(tmp_path)
     assert unseen_rows(held, train, "classification") == [held[1]]
 
 
+def test_split_by_input_keeps_every_copy_of_a_question_on_one_side(tmp_path):
+    # Questions asked 1, 2 or 3 times with other answers; held-out splits carved by question.
+    rows = [{"instruction": f"q{i % 40}", "response": f"a{i}"} for i in range(100)]
+    path = str(write_jsonl(tmp_path / "qa.jsonl", rows))
+    cfg = Data(task="instruction", source=path, val_size=15, test_size=20, split_by_input=True)
+    data = load_task_data(cfg)
+    sides = {"train": data.train, "val": data.val, "test": data.test}
+    owner: dict[str, str] = {}
+    for side, held in sides.items():
+        for r in held:
+            assert owner.setdefault(r["instruction"], side) == side, r  # one question, one side
+    assert sorted(r["response"] for s in sides.values() for r in s) == sorted(r["response"] for r in rows)
+    # Whole groups of at most 3 rows: each split reaches its size and overshoots by under a group.
+    assert 15 <= len(data.val) < 15 + 3 and 20 <= len(data.test) < 20 + 3
+    assert unseen_rows(data.test, data.train, "instruction") == data.test
+    # Without it the same cut by rows repeats training questions in the test split.
+    plain = load_task_data(Data(task="instruction", source=path, val_size=15, test_size=20))
+    assert len(unseen_rows(plain.test, plain.train, "instruction")) < len(plain.test)
+    assert load_task_data(cfg).test == data.test  # deterministic in data.split_seed
+
+
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "json"])
 def test_csv_parquet_and_json_load_the_same_rows(tmp_path, fmt):
     import pandas as pd
