@@ -31,6 +31,41 @@ def feature_positions(tokens: str, attention_mask: torch.Tensor, loss_mask: torc
     return loss_mask
 
 
+@contextlib.contextmanager
+def head_on_rows(model: torch.nn.Module, rows: torch.Tensor | None):
+    """While active, a causal LM's output layer runs only at the (B, T) bool ``rows`` of its input, so the
+    model returns logits (N, V) for the N True positions (row-major) instead of (B, T, V).
+
+    A generation task's losses read the logits at its response positions alone (under a tenth of the tokens
+    on Debian's summaries), while the output layer and its softmax are most of a narrow student's step: with
+    hidden 128 and 49,152 tokens the head costs 6x the four blocks below it. The hook sits inside the model's
+    own forward, so a DDP- or FSDP-wrapped student runs one forward through its wrapper as before. No-op for
+    ``rows=None`` and for models without output embeddings (classifiers)."""
+    inner = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP2 shards in place
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if rows is not None and get_head is not None else None
+    if head is None:
+        yield
+        return
+
+    def gather(_module, args):
+        hidden = args[0]
+        if hidden.shape[:2] != rows.shape:  # a model that slices before its head: leave it whole
+            return None
+        return (hidden[rows], *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def loss_rows(logits: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """The logits at the loss positions, (N, V): ``logits`` as ``head_on_rows`` left them, or (B, T, V) whole."""
+    return logits[loss_mask] if logits.dim() == 3 else logits
+
+
 @dataclass
 class Objective:
     """``objective(model, batch)`` -> {"task": ..., "kd": ..., "feat": ...} (only the terms that are on), each a
@@ -70,10 +105,10 @@ class Objective:
         for the same rows, so a cached run's losses equal a live run's."""
         if "signals" in batch:
             return batch["signals"]["hidden"], batch["signals"]["rows"]
-        with torch.no_grad():
+        with torch.no_grad(), head_on_rows(self.teacher, loss_mask if loss_mask.dim() == 2 else None):
             t_out = teacher_forward(self.teacher, batch, self.cfg.run.precision)
         hidden = {t: t_out.hidden_states[t] for t, _ in self.layer_map}
-        rows = t_out.logits[loss_mask]
+        rows = loss_rows(t_out.logits, loss_mask) if loss_mask.dim() == 2 else t_out.logits
         top_k = effective_top_k(self.cfg, self.vocab)
         if top_k:
             rows = top_k_logits(rows[..., : self.vocab], top_k, self.cfg.kd.temperature)
@@ -88,18 +123,21 @@ class Objective:
             else contextlib.nullcontext()
         )
         loss_mask = batch["labels"] != IGNORE  # (B,) all True for classification; (B, T) response positions
-        with autocast:
+        causal = loss_mask.dim() == 2
+        with autocast, head_on_rows(model, loss_mask if causal else None):
             out = model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 output_hidden_states=features_on,
             )
-            terms = {"task": task_loss(out.logits, batch["labels"])}
+        with autocast:
+            s_rows = loss_rows(out.logits, loss_mask) if causal else out.logits
+            labels = batch["labels"][loss_mask] if causal else batch["labels"]
+            terms = {"task": task_loss(s_rows, labels)}
             if self.teacher is None and "signals" not in batch:
                 return terms
             t_hidden, t_rows = self.teacher_outputs(batch, loss_mask)
         if cfg.kd.loss != "none" and cfg.kd.weight > 0:
-            s_rows = out.logits[loss_mask]
             if isinstance(t_rows, TopK):
                 s_rows = s_rows[..., : self.vocab]
             elif s_rows.shape[-1] != t_rows.shape[-1]:

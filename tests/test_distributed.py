@@ -23,12 +23,14 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, overrides: list[str], out: str, resume: str | None) -> None:
+def _worker(
+    rank: int, port: int, overrides: list[str], out: str, resume: str | None, preset: str = "demo"
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        cfg = load_config("demo", overrides)
+        cfg = load_config(preset, overrides)
         kept = {}
 
         def report(metrics, step, checkpoint=None):
@@ -42,16 +44,22 @@ def _worker(rank: int, port: int, overrides: list[str], out: str, resume: str | 
         dist.destroy_process_group()
 
 
-def run_two_ranks(overrides, out: Path, resume: str | None = None) -> dict:
+def run_two_ranks(overrides, out: Path, resume: str | None = None, preset: str = "demo") -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_worker, args=(_port(), overrides, str(out), resume), nprocs=2, join=True)
+    mp.spawn(_worker, args=(_port(), overrides, str(out), resume, preset), nprocs=2, join=True)
     return json.loads((out / "final.json").read_text())
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_resume_from_a_checkpoint_to_the_same_end(disk, tmp_path, strategy):
+# demo-instruct: a causal LM, whose output layer runs on the response positions only (objective.head_on_rows)
+# inside the DDP / FSDP wrapper's forward.
+@pytest.mark.parametrize(
+    "strategy, preset",
+    [("ddp", "demo"), ("fsdp", "demo"), ("ddp", "demo-instruct"), ("fsdp", "demo-instruct")],
+)
+def test_two_ranks_resume_from_a_checkpoint_to_the_same_end(disk, tmp_path, strategy, preset):
+    lm = preset == "demo-instruct"
     overrides = [
-        f"teacher.path={disk['teacher_cls']}",
+        f"teacher.path={disk['teacher_lm' if lm else 'teacher_cls']}",
         "scaling.num_workers=2",
         f"scaling.strategy={strategy}",
         "train.steps=8",
@@ -63,8 +71,10 @@ def test_two_ranks_resume_from_a_checkpoint_to_the_same_end(disk, tmp_path, stra
         "data.max_train_examples=200",
         f"run.output_dir={tmp_path / 'run'}",
     ]
-    full = run_two_ranks(overrides, tmp_path / "full")
-    again = run_two_ranks(overrides, tmp_path / "again", resume=str(tmp_path / "full" / "ckpt4"))
+    full = run_two_ranks(overrides, tmp_path / "full", preset=preset)
+    again = run_two_ranks(
+        overrides, tmp_path / "again", resume=str(tmp_path / "full" / "ckpt4"), preset=preset
+    )
     assert full["step"] == again["step"] == 8 and full["val/examples"] == 33
-    for key in ("train/loss", "val/loss", "val/accuracy"):
+    for key in ("train/loss", "val/loss", "val/rouge_l" if lm else "val/accuracy"):
         assert again[key] == pytest.approx(full[key], rel=1e-4, abs=1e-6), key

@@ -82,6 +82,45 @@ def test_objective_aligns_the_teacher_layer_with_the_student_layer_it_is_mapped_
     assert abs(float(swapped) - float(terms["feat"])) > 100 * (1e-7 + 1e-6 * abs(float(swapped)))
 
 
+def test_the_output_layer_runs_on_the_loss_positions_only_and_gives_the_full_logits_gradients():
+    """head_on_rows: a causal LM's logits come out (N, V) for the N response positions, and the objective's
+    terms and every parameter's gradient equal those computed from the whole (B, T, V) logits."""
+    from flexkd.objective import head_on_rows
+
+    teacher, student = tiny_llama(hidden=32, layers=3, seed=0), tiny_llama(hidden=16, layers=2, seed=1)
+    cfg = load_config("demo-instruct", ["kd.weight=0.4", "feature.weight=2.5", "kd.temperature=2.0"])
+    units = [torch.arange(0, 32, 2)]
+    batch = collate(random_examples(6, "instruction", seed=5), pad_id=0)
+    loss_mask = batch["labels"] != IGNORE
+    with head_on_rows(student, loss_mask):
+        rows = student(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert rows.shape == (int(loss_mask.sum()), student.config.vocab_size)
+    assert student.get_output_embeddings()._forward_pre_hooks == {}  # the hook is gone afterwards
+
+    objective = Objective(cfg, teacher, [(-1, -1)], units, None, vocab=97)
+    student.zero_grad()
+    terms = objective(student, batch)
+    objective.total(terms).backward()
+    fast = {n: p.grad.clone() for n, p in student.named_parameters()}
+
+    # The slow way: every position's logits, then the loss positions picked out of them.
+    student.zero_grad()
+    s_out = student(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    t_out = teacher(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    expected = {
+        "task": task_loss(s_out.logits, batch["labels"]),
+        "kd": KD_LOSSES["fkl"](s_out.logits, t_out.logits.detach(), loss_mask, 2.0, 0.1),
+        "feat": feature_pearson(
+            s_out.hidden_states[-1], t_out.hidden_states[-1], batch["attention_mask"].bool(), units[0]
+        ),
+    }
+    for name in expected:
+        torch.testing.assert_close(terms[name], expected[name].float(), rtol=1e-6, atol=1e-7)
+    (expected["task"] + 0.4 * expected["kd"] + 2.5 * expected["feat"]).backward()
+    for name, param in student.named_parameters():
+        torch.testing.assert_close(fast[name], param.grad, rtol=1e-6, atol=1e-9, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Metrics against reference implementations
 
