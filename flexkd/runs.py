@@ -20,7 +20,7 @@ from flexkd.checks import (
 )
 from flexkd.config import Config, ConfigError, dump_yaml, uses_selection, uses_teacher
 from flexkd.plan import RunPlan
-from flexkd.reporting import RunRecorder, progress_sinks
+from flexkd.reporting import METRICS_FILE, RunRecorder, progress_sinks
 
 log = logging.getLogger("flexkd")
 
@@ -93,6 +93,9 @@ def prepare_teacher(cfg: Config, quiet: bool = False) -> dict:
     student = recorder.checkpoint_dir / artifacts.STUDENT
     shutil.copytree(student, work / "model")
     artifacts.write_metrics(work / "model", metrics)
+    # The fine-tune's curve (train loss, validation every teacher.eval_every steps) stays with the teacher:
+    # it is how a user sees whether the teacher converged.
+    shutil.copy(work / METRICS_FILE, work / "model" / METRICS_FILE)
     (work / "model" / "flexkd_teacher.yaml").write_text(dump_yaml(recipe))
     if dest.exists():
         shutil.rmtree(dest)

@@ -184,6 +184,8 @@ def test_cli_teacher_train_score_eval(tmp_path, monkeypatch, capsys):
     teacher_dir = tmp_path / "flexkd-runs" / "teachers" / "demo-classification"
     assert (teacher_dir / "config.json").exists() and (teacher_dir / "tokenizer.json").exists()
     assert "val/accuracy" in json.loads((teacher_dir / artifacts.METRICS).read_text())
+    curve = [json.loads(line) for line in (teacher_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == sorted({r["step"] for r in curve}) and curve[-1]["step"] == 8
     assert not (teacher_dir.parent / "demo-classification.partial").exists()
 
     assert main(["score", "demo", *small, "run.output_dir=./scored", "scoring.method=fisher"]) == 0
