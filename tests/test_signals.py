@@ -425,3 +425,21 @@ def test_two_concurrent_builders_of_one_cache_build_it_once(disk, tmp_path):
         t.join()
     assert len(results) == 2
     assert results[0]["build_s"] == results[1]["build_s"] and results[0]["created"] == results[1]["created"]
+
+
+def test_teacher_actors_hold_every_cpu_they_stand_for():
+    """One actor per 2 CPUs, each asking its share: Ray gives an actor as many torch threads as it asks CPUs,
+    so a lone actor on 2 CPUs must ask 2 (it asked 1 and ran the teacher on one core)."""
+    from tuning.signals import actor_count
+
+    cfg = load_config("demo", [])
+    assert actor_count(cfg, shards=16, resources={"CPU": 2.0}) == (1, {"num_cpus": 2})
+    assert actor_count(cfg, shards=16, resources={"CPU": 16.0}) == (8, {"num_cpus": 2})
+    assert actor_count(cfg, shards=3, resources={"CPU": 16.0}) == (3, {"num_cpus": 5})  # no idle actors
+    assert actor_count(cfg, shards=16, resources={"CPU": 1.0}) == (1, {"num_cpus": 1})
+    four = load_config("demo", ["signals.actors=4"])
+    assert actor_count(four, shards=16, resources={"CPU": 8.0}) == (4, {"num_cpus": 2})
+    gpu = load_config("demo", ["scaling.use_gpu=true"])
+    assert actor_count(gpu, shards=16, resources={"CPU": 8.0, "GPU": 2.0}) == (2, {"num_gpus": 1})
+    with pytest.raises(ConfigError, match="scaling.use_gpu"):
+        actor_count(gpu, shards=16, resources={"CPU": 8.0})

@@ -43,21 +43,27 @@ class TeacherActor:
         return {"record": np.array(records, dtype=object)}
 
 
-def actor_count(cfg: Config, shards: int) -> tuple[int, dict]:
-    """(actors, resources per actor): one per GPU with scaling.use_gpu, else one per 2 CPUs of the cluster."""
+def actor_count(cfg: Config, shards: int, resources: dict | None = None) -> tuple[int, dict]:
+    """(actors, resources per actor): one per GPU with scaling.use_gpu, else one per 2 CPUs of the cluster
+    (or signals.actors), each holding its share of the CPUs. The share matters: Ray sets an actor's torch
+    threads (OMP_NUM_THREADS) to its num_cpus, so one actor asking 1 CPU of a 2-CPU machine ran the teacher
+    on one thread and left the other core idle.
+
+    resources: ``ray.cluster_resources()`` (read when not given)."""
     import ray
 
-    resources = ray.cluster_resources()
+    resources = resources if resources is not None else ray.cluster_resources()
     if cfg.scaling.use_gpu:
-        have, per = int(resources.get("GPU", 0)), {"num_gpus": 1}
+        have = int(resources.get("GPU", 0))
         if have < 1:
             raise ConfigError(
                 "scaling.use_gpu: the teacher-signal build asks for GPUs; this Ray cluster has none"
             )
-    else:
-        have, per = max(1, int(resources.get("CPU", 1)) // 2), {"num_cpus": 1}
-    n = cfg.signals.actors or have
-    return max(1, min(n, shards)), per
+        n = max(1, min(cfg.signals.actors or have, shards))
+        return n, {"num_gpus": 1}
+    cpus = max(1, int(resources.get("CPU", 1)))
+    n = max(1, min(cfg.signals.actors or max(1, cpus // 2), shards))
+    return n, {"num_cpus": max(1, cpus // n)}
 
 
 def build(
