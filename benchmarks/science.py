@@ -7,7 +7,8 @@ student a fresh Llama of hidden 128, 4.5x). In each cell every method (SFT, logi
 Gram + KD, Flex-KD + KD) gets its learning rate from a sweep on validation (seed 0, --lrs), then runs on every
 seed at that rate; on the narrow students Flex-KD also runs with random, variance and first selection at
 k = the student's hidden size, with gradient and random selection at k = --small-k, and with the alignment
-on the positions the classifier's head reads (feature.tokens=head, the variant issue 15's evidence points to).
+on the positions the classifier's head reads (feature.tokens=head, the variant issue 15's evidence points to);
+on the fresh Llama it also runs with random units at k = its hidden size.
 
 Everything goes through the project's CLI, one subprocess per run: `flexkd teacher` fine-tunes each teacher
 once, `flexkd signals` stores its outputs once (every run then trains from them: signals.mode=auto), and
@@ -110,30 +111,32 @@ TASKS = {
     },
 }
 
-# Each student: its overrides, hidden size, whether it gets the selection ablation, and its training budget.
+# Each student: its overrides, hidden size, its selection ablation ("full": every strategy at k = hidden and
+# --small-k, and the head's positions; "random": random units at k = hidden beside the gradient's; None), and
+# its training budget.
 STUDENTS = {
     "narrow": {
         "overrides": list(NARROW),
         "hidden": 64,
-        "ablation": True,
+        "ablation": "full",
         "steps": 1500,
         "lrs": [3e-4, 1e-3, 3e-3],
     },
     "minilm3": {
         "overrides": [f"student.path={ASSETS / 'models/paraphrase-MiniLM-L3-v2'}"],
         "hidden": 384,
-        "ablation": False,
+        "ablation": None,
         "steps": 500,
         "lrs": [3e-5, 1e-4, 3e-4],
     },
     "minilm6": {
         "overrides": [f"student.path={ASSETS / MINILM6}"],
         "hidden": 384,
-        "ablation": False,
+        "ablation": None,
         "steps": 500,
         "lrs": [3e-5, 1e-4, 3e-4],
     },
-    "fresh": {"overrides": [], "hidden": 128, "ablation": False, "steps": 600, "lrs": [1e-3, 3e-3]},
+    "fresh": {"overrides": [], "hidden": 128, "ablation": "random", "steps": 600, "lrs": [1e-3, 3e-3]},
 }
 CLASSIFICATION_STUDENTS = ("narrow", "minilm3", "minilm6")
 
@@ -296,7 +299,11 @@ class Cell:
         for seed in self.args.seeds:
             for method, over in METHODS.items():
                 record(method, seed, over)
-            if not self.who["ablation"]:
+            if self.who["ablation"] == "random":
+                record(
+                    FLEX, seed, [*METHODS[FLEX], "selection.strategy=random"], "random", self.who["hidden"]
+                )
+            if self.who["ablation"] != "full":
                 continue
             for k in (self.who["hidden"], self.args.small_k):
                 for strategy in STRATEGIES if k == self.who["hidden"] else self.args.small_k_strategies:
