@@ -2,7 +2,7 @@
 
 A generation task's losses read the logits at the response positions alone, but a model's forward computes
 them at every position: (B, T, V) logits, their softmax and its backward, with V = 49,152 for SmolLM2's
-vocabulary. `flexkd.objective.head_on_rows` runs the output layer on the loss positions only. This measures
+vocabulary. `flexkd.losses.head_on_rows` runs the output layer on the loss positions only. This measures
 one optimizer step of the task loss both ways on the same batch of real rows (Debian descriptions ->
 synopsis from fetch.sh, else the demo's instruction task), after warm-up, the two interleaved, for the
 students of the science benchmark's generation cells and for the teacher's own fine-tune:

@@ -9,6 +9,7 @@ All teacher inputs are detached inside the losses: gradients reach the student (
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -32,6 +33,46 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if not (flat_labels != IGNORE).any():
         return flat_logits.sum() * 0.0  # keeps the graph; no position to learn from in this micro-batch
     return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The logits at the loss positions. A causal LM's losses (task, KD, and the teacher's scoring loss) read its
+# logits only where the loss mask is on; these let its output layer run there alone.
+
+
+@contextlib.contextmanager
+def head_on_rows(model: torch.nn.Module, rows: torch.Tensor | None):
+    """While active, a causal LM's output layer runs only at the (B, T) bool ``rows`` of its input, so the
+    model returns logits (N, V) for the N True positions (row-major) instead of (B, T, V).
+
+    A generation task's losses read the logits at its response positions alone (under a tenth of the tokens
+    on Debian's summaries), while the output layer and its softmax are most of a narrow student's step: with
+    hidden 128 and 49,152 tokens the head costs 6x the four blocks below it. The hook sits inside the model's
+    own forward, so a DDP- or FSDP-wrapped student runs one forward through its wrapper as before. No-op for
+    ``rows=None`` and for models without output embeddings (classifiers)."""
+    inner = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP2 shards in place
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if rows is not None and get_head is not None else None
+    if head is None:
+        yield
+        return
+
+    def gather(_module, args):
+        hidden = args[0]
+        if hidden.shape[:2] != rows.shape:  # a model that slices before its head: leave it whole
+            return None
+        return (hidden[rows], *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def loss_rows(logits: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """The logits at the loss positions, (N, V): ``logits`` as ``head_on_rows`` left them, or (B, T, V) whole."""
+    return logits[loss_mask] if logits.dim() == 3 else logits
 
 
 # ---------------------------------------------------------------------------------------------------------

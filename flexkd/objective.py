@@ -13,7 +13,7 @@ import torch
 
 from flexkd.config import Config, uses_features
 from flexkd.data import IGNORE
-from flexkd.losses import FEATURE_LOSSES, TopK, kd_on_rows, task_loss, top_k_logits
+from flexkd.losses import FEATURE_LOSSES, TopK, head_on_rows, kd_on_rows, loss_rows, task_loss, top_k_logits
 from flexkd.signals import effective_top_k, teacher_forward
 
 
@@ -29,41 +29,6 @@ def feature_positions(tokens: str, attention_mask: torch.Tensor, loss_mask: torc
         head[:, 0] = attention_mask[:, 0].bool()
         return head
     return loss_mask
-
-
-@contextlib.contextmanager
-def head_on_rows(model: torch.nn.Module, rows: torch.Tensor | None):
-    """While active, a causal LM's output layer runs only at the (B, T) bool ``rows`` of its input, so the
-    model returns logits (N, V) for the N True positions (row-major) instead of (B, T, V).
-
-    A generation task's losses read the logits at its response positions alone (under a tenth of the tokens
-    on Debian's summaries), while the output layer and its softmax are most of a narrow student's step: with
-    hidden 128 and 49,152 tokens the head costs 6x the four blocks below it. The hook sits inside the model's
-    own forward, so a DDP- or FSDP-wrapped student runs one forward through its wrapper as before. No-op for
-    ``rows=None`` and for models without output embeddings (classifiers)."""
-    inner = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP2 shards in place
-    get_head = getattr(inner, "get_output_embeddings", None)
-    head = get_head() if rows is not None and get_head is not None else None
-    if head is None:
-        yield
-        return
-
-    def gather(_module, args):
-        hidden = args[0]
-        if hidden.shape[:2] != rows.shape:  # a model that slices before its head: leave it whole
-            return None
-        return (hidden[rows], *args[1:])
-
-    handle = head.register_forward_pre_hook(gather)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def loss_rows(logits: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """The logits at the loss positions, (N, V): ``logits`` as ``head_on_rows`` left them, or (B, T, V) whole."""
-    return logits[loss_mask] if logits.dim() == 3 else logits
 
 
 @dataclass

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flexkd.losses import task_loss
+from flexkd.data import IGNORE
+from flexkd.losses import head_on_rows, loss_rows, task_loss
 
 # Each scorer: (grad (B, T, d), hidden (B, T, d), mask (B, T, 1) of 0/1 in the same dtype) -> (d,) this
 # batch's contribution. ``grad`` is dL/dh for L the batch's mean task loss.
@@ -115,11 +116,14 @@ def task_gradients(teacher: torch.nn.Module, batch: dict, layers: list[int]):
     (B, T, d); a gradient is None where the loss does not depend on that layer. Teacher ids used when present."""
     ids = batch.get("teacher_input_ids", batch["input_ids"])
     attn = batch.get("teacher_attention_mask", batch["attention_mask"])
+    labels = batch["labels"]
+    rows = labels != IGNORE if labels.dim() == 2 else None  # a causal LM's loss positions
     handle = teacher.get_input_embeddings().register_forward_hook(_require_grad_hook)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), head_on_rows(teacher, rows):
             out = teacher(input_ids=ids, attention_mask=attn, output_hidden_states=True)
-            loss = task_loss(out.logits, batch["labels"])
+            logits = out.logits if rows is None else loss_rows(out.logits, rows)
+            loss = task_loss(logits, labels if rows is None else labels[rows])
             hidden = [out.hidden_states[layer] for layer in layers]
             grads = torch.autograd.grad(loss, hidden, allow_unused=True)
     finally:

@@ -35,7 +35,7 @@ import torch
 
 from flexkd.config import Config, ConfigError
 from flexkd.data import IGNORE
-from flexkd.losses import TopK, top_k_logits
+from flexkd.losses import TopK, head_on_rows, loss_rows, top_k_logits
 from flexkd.storage import Store
 
 log = logging.getLogger("flexkd")
@@ -243,8 +243,12 @@ def compute_shard(teacher, examples: list[dict], spec: ShardSpec, batch_fn, batc
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = batch_fn(chunk)
-        out = teacher_forward(teacher, batch, spec.precision)
         loss_mask = batch["labels"] != IGNORE
+        with head_on_rows(teacher, loss_mask if spec.causal else None):
+            out = teacher_forward(teacher, batch, spec.precision)
+        # A causal LM's logits as the (N, V) rows of its loss positions, example after example.
+        ends = loss_mask.sum(-1).cumsum(0).tolist() if spec.causal else []
+        all_rows = loss_rows(out.logits, loss_mask) if spec.causal else out.logits
         for b, ex in enumerate(chunk):
             length = len(ex["input_ids"])
             for layer in spec.layers:
@@ -252,7 +256,7 @@ def compute_shard(teacher, examples: list[dict], spec: ShardSpec, batch_fn, batc
                 if spec.units is not None:
                     h = h.index_select(-1, torch.tensor(spec.units[layer], device=h.device))
                 hidden[layer].append(h.float().to(dtype).cpu())
-            rows = out.logits[b][loss_mask[b]] if spec.causal else out.logits[b : b + 1]
+            rows = all_rows[(ends[b - 1] if b else 0) : ends[b]] if spec.causal else all_rows[b : b + 1]
             tok_offsets.append(tok_offsets[-1] + length)
             pos_offsets.append(pos_offsets[-1] + rows.shape[0])
             if spec.causal and spec.top_k:

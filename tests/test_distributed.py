@@ -50,7 +50,7 @@ def run_two_ranks(overrides, out: Path, resume: str | None = None, preset: str =
     return json.loads((out / "final.json").read_text())
 
 
-# demo-instruct: a causal LM, whose output layer runs on the response positions only (objective.head_on_rows)
+# demo-instruct: a causal LM, whose output layer runs on the response positions only (losses.head_on_rows)
 # inside the DDP / FSDP wrapper's forward.
 @pytest.mark.parametrize(
     "strategy, preset",

@@ -85,7 +85,7 @@ def test_objective_aligns_the_teacher_layer_with_the_student_layer_it_is_mapped_
 def test_the_output_layer_runs_on_the_loss_positions_only_and_gives_the_full_logits_gradients():
     """head_on_rows: a causal LM's logits come out (N, V) for the N response positions, and the objective's
     terms and every parameter's gradient equal those computed from the whole (B, T, V) logits."""
-    from flexkd.objective import head_on_rows
+    from flexkd.losses import head_on_rows
 
     teacher, student = tiny_llama(hidden=32, layers=3, seed=0), tiny_llama(hidden=16, layers=2, seed=1)
     cfg = load_config("demo-instruct", ["kd.weight=0.4", "feature.weight=2.5", "kd.temperature=2.0"])
