@@ -96,6 +96,7 @@ TASKS = {
     "debian": {
         "preset": "smollm-debian",
         "metric": "rouge_l",
+        "steps": 1000,  # the student's budget here (4 epochs of its 4000 rows), over the student's default
         "unseen_test": True,
         "plot_unseen": True,
         "overrides": [
@@ -127,7 +128,7 @@ STUDENTS = {
         "hidden": 384,
         "ablation": None,
         "steps": 500,
-        "lrs": [3e-5, 1e-4, 3e-4],
+        "lrs": [5e-5, 2e-4],
     },
     "minilm6": {
         "overrides": [f"student.path={ASSETS / MINILM6}"],
@@ -184,7 +185,7 @@ class Cell:
         self.out = out
         self.root = out / task
         self.folder = self.root / student
-        self.steps = args.steps or self.who["steps"]
+        self.steps = args.steps or self.spec.get("steps") or self.who["steps"]
         self.lrs = args.lrs or self.who["lrs"]
         self.base = [
             *task_overrides(task, out),
