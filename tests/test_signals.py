@@ -433,13 +433,18 @@ def test_teacher_actors_hold_every_cpu_they_stand_for():
     from tuning.signals import actor_count
 
     cfg = load_config("demo", [])
-    assert actor_count(cfg, shards=16, resources={"CPU": 2.0}) == (1, {"num_cpus": 2})
-    assert actor_count(cfg, shards=16, resources={"CPU": 16.0}) == (8, {"num_cpus": 2})
-    assert actor_count(cfg, shards=3, resources={"CPU": 16.0}) == (3, {"num_cpus": 5})  # no idle actors
-    assert actor_count(cfg, shards=16, resources={"CPU": 1.0}) == (1, {"num_cpus": 1})
+    assert actor_count(cfg, shards=16, nodes=[{"CPU": 2.0}]) == (1, {"num_cpus": 2})
+    assert actor_count(cfg, shards=16, nodes=[{"CPU": 16.0}]) == (8, {"num_cpus": 2})
+    assert actor_count(cfg, shards=3, nodes=[{"CPU": 16.0}]) == (3, {"num_cpus": 5})  # no idle actors
+    assert actor_count(cfg, shards=16, nodes=[{"CPU": 1.0}]) == (1, {"num_cpus": 1})
     four = load_config("demo", ["signals.actors=4"])
-    assert actor_count(four, shards=16, resources={"CPU": 8.0}) == (4, {"num_cpus": 2})
+    assert actor_count(four, shards=16, nodes=[{"CPU": 8.0}]) == (4, {"num_cpus": 2})
+    # Never a share no single node holds: a 1-CPU head and a 2-CPU worker run one actor of 2 CPUs, not 3.
+    assert actor_count(cfg, shards=16, nodes=[{"CPU": 1.0}, {"CPU": 2.0}]) == (1, {"num_cpus": 2})
+    # ...and never more actors than fit the nodes whole: a second actor of 2 CPUs has no node to go to.
+    assert actor_count(cfg, shards=2, nodes=[{"CPU": 3.0}, {"CPU": 1.0}]) == (1, {"num_cpus": 2})
     gpu = load_config("demo", ["scaling.use_gpu=true"])
-    assert actor_count(gpu, shards=16, resources={"CPU": 8.0, "GPU": 2.0}) == (2, {"num_gpus": 1})
+    two_gpus = [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}]
+    assert actor_count(gpu, shards=16, nodes=two_gpus) == (2, {"num_gpus": 1})
     with pytest.raises(ConfigError, match="scaling.use_gpu"):
-        actor_count(gpu, shards=16, resources={"CPU": 8.0})
+        actor_count(gpu, shards=16, nodes=[{"CPU": 8.0}])

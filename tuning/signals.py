@@ -43,27 +43,33 @@ class TeacherActor:
         return {"record": np.array(records, dtype=object)}
 
 
-def actor_count(cfg: Config, shards: int, resources: dict | None = None) -> tuple[int, dict]:
+def actor_count(cfg: Config, shards: int, nodes: list[dict] | None = None) -> tuple[int, dict]:
     """(actors, resources per actor): one per GPU with scaling.use_gpu, else one per 2 CPUs of the cluster
     (or signals.actors), each holding its share of the CPUs. The share matters: Ray sets an actor's torch
     threads (OMP_NUM_THREADS) to its num_cpus, so one actor asking 1 CPU of a 2-CPU machine ran the teacher
-    on one thread and left the other core idle.
+    on one thread and left the other core idle. An actor never asks more CPUs than one node has, and no more
+    actors are planned than fit the nodes whole: a share of the cluster's total that no single node holds
+    (3 CPUs on a 1-CPU head and a 2-CPU worker) is never scheduled, and the build would wait forever.
 
-    resources: ``ray.cluster_resources()`` (read when not given)."""
+    nodes: each alive node's resources (read from ``ray.nodes()`` when not given)."""
     import ray
 
-    resources = resources if resources is not None else ray.cluster_resources()
+    if nodes is None:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if cfg.scaling.use_gpu:
-        have = int(resources.get("GPU", 0))
+        have = sum(int(n.get("GPU", 0)) for n in nodes)
         if have < 1:
             raise ConfigError(
                 "scaling.use_gpu: the teacher-signal build asks for GPUs; this Ray cluster has none"
             )
         n = max(1, min(cfg.signals.actors or have, shards))
         return n, {"num_gpus": 1}
-    cpus = max(1, int(resources.get("CPU", 1)))
+    per_node = [int(n.get("CPU", 0)) for n in nodes] or [1]
+    cpus = max(1, sum(per_node))
     n = max(1, min(cfg.signals.actors or max(1, cpus // 2), shards))
-    return n, {"num_cpus": max(1, cpus // n)}
+    per = max(1, min(cpus // n, max(per_node)))
+    fits = sum(c // per for c in per_node)
+    return max(1, min(n, fits)), {"num_cpus": per}
 
 
 def build(
