@@ -8,7 +8,9 @@ Gram + KD, Flex-KD + KD) gets its learning rate from a sweep on validation (seed
 seed at that rate; on the narrow students Flex-KD also runs with random, variance and first selection at
 k = the student's hidden size, with gradient and random selection at k = --small-k, and with the alignment
 on the positions the classifier's head reads (feature.tokens=head, the variant issue 15's evidence points to);
-on the fresh Llama it also runs with random units at k = its hidden size.
+on the fresh Llama it also runs with random units at k = its hidden size, and with gradient units aligned on
+the response positions alone (feature.tokens=head: a causal LM's head reads no others), once every seed has
+its main runs.
 
 Everything goes through the project's CLI, one subprocess per run: `flexkd teacher` fine-tunes each teacher
 once, `flexkd signals` stores its outputs once (every run then trains from them: signals.mode=auto), and
@@ -113,7 +115,8 @@ TASKS = {
 }
 
 # Each student: its overrides, hidden size, its selection ablation ("full": every strategy at k = hidden and
-# --small-k, and the head's positions; "random": random units at k = hidden beside the gradient's; None), and
+# --small-k, and the head's positions; "random": random units at k = hidden beside the gradient's, and the
+# gradient's on the head's positions after every seed's main runs; None), and
 # its training budget.
 STUDENTS = {
     "narrow": {
@@ -323,6 +326,18 @@ class Cell:
                     seed,
                     [*METHODS[FLEX], f"selection.strategy={strategy}", "feature.tokens=head"],
                     strategy,
+                    self.who["hidden"],
+                    "head",
+                )
+        if self.who["ablation"] == "random":
+            # Debian's evidence: the last layer's task gradient sits wholly at the response positions, under a
+            # tenth of the tokens the default loss aligns. Run after the main runs so a cut-short cell keeps them.
+            for seed in self.args.seeds:
+                record(
+                    FLEX,
+                    seed,
+                    [*METHODS[FLEX], "feature.tokens=head"],
+                    "gradient",
                     self.who["hidden"],
                     "head",
                 )
@@ -605,7 +620,7 @@ def plot(cells: list[Cell], payload: dict, path: Path) -> None:
         ax = axes[1, j]
         if s["ablation"]:
             labels = [
-                f"{r['selection']} k={r['k']}" + (", head only" if r["tokens"] == "head" else "")
+                f"{r['selection']} k={r['k']}" + (", head positions only" if r["tokens"] == "head" else "")
                 for r in s["ablation"]
             ]
             seeds_and_mean(ax, s["ablation"])
