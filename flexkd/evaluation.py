@@ -10,7 +10,7 @@ import re
 import torch
 
 from flexkd.config import Config
-from flexkd.data import collate, encode_prompt, reference_text
+from flexkd.data import IGNORE, collate, encode_prompt, reference_text
 from flexkd.distributed import all_reduce_sum, is_sharded, rank, world_size
 from flexkd.losses import task_loss
 
@@ -83,7 +83,9 @@ def evaluate(model, examples: list[dict], rows: list[dict], cfg: Config, tok, de
     """Metrics of ``model`` on one split; ``examples`` are the encoded ``rows``. Sharded across ranks.
 
     Returns ``{prefix/loss, prefix/accuracy, prefix/macro_f1, prefix/ece, prefix/confidence}`` or ``{prefix/loss, prefix/rouge_l,
-    prefix/exact_match}``, plus ``prefix/examples``.
+    prefix/exact_match, prefix/token_accuracy, prefix/ece, prefix/confidence}``, plus ``prefix/examples``. A
+    generation task's calibration is per response token, teacher-forced: the top next-token probability
+    against whether that token is the reference's (what logit KD hands the student, position by position).
     """
     net = unwrap(model)
     was_training = net.training
@@ -121,6 +123,9 @@ def evaluate(model, examples: list[dict], rows: list[dict], cfg: Config, tok, de
             for t, p in zip(batch["labels"].cpu().tolist(), pred.tolist()):
                 confusion[t, p] += 1
             calibration += calibration_sums(out.logits.cpu(), batch["labels"].cpu())
+        else:
+            at = batch["labels"] != IGNORE
+            calibration += calibration_sums(out.logits[at].cpu(), batch["labels"][at].cpu())
         for i, text in zip(idx, texts):
             ref = reference_text(rows[i], cfg.data)
             hit = float(normalise(text) == normalise(ref))
@@ -134,14 +139,16 @@ def evaluate(model, examples: list[dict], rows: list[dict], cfg: Config, tok, de
         confusion = all_reduce_sum(confusion)
         metrics[f"{prefix}/accuracy"] = float(confusion.diag().sum() / confusion.sum().clamp_min(1))
         metrics[f"{prefix}/macro_f1"] = macro_f1(confusion)
-        calibration = all_reduce_sum(calibration)
-        metrics[f"{prefix}/ece"] = expected_calibration_error(calibration)
-        # Mean top-class probability: beside the accuracy it says over- (higher) or under-confident (lower).
-        metrics[f"{prefix}/confidence"] = float(calibration[1].sum() / calibration[0].sum().clamp_min(1))
     else:
         gen = all_reduce_sum(gen)
         metrics[f"{prefix}/rouge_l"] = float(gen[0] / gen[2].clamp_min(1))
         metrics[f"{prefix}/exact_match"] = float(gen[1] / gen[2].clamp_min(1))
+    calibration = all_reduce_sum(calibration)
+    if not classification:  # next-token accuracy at the response positions, teacher-forced
+        metrics[f"{prefix}/token_accuracy"] = float(calibration[2].sum() / calibration[0].sum().clamp_min(1))
+    metrics[f"{prefix}/ece"] = expected_calibration_error(calibration)
+    # Mean top-class probability: beside the accuracy it says over- (higher) or under-confident (lower).
+    metrics[f"{prefix}/confidence"] = float(calibration[1].sum() / calibration[0].sum().clamp_min(1))
     net.train(was_training)
     return metrics
 

@@ -110,6 +110,31 @@ def test_instruction_task_decodes_and_scores_rouge(disk, tmp_path):
     metrics = distil(cfg, quiet=True)
     assert 0 <= metrics["val/rouge_l"] <= 1 and 0 <= metrics["val/exact_match"] <= 1
     assert metrics["val/examples"] == 16
+    # Per-token calibration at the response positions, against a loop over the rows one at a time (no padding).
+    from flexkd.data import IGNORE, encode, load_task_data
+    from flexkd.evaluation import calibration_sums, expected_calibration_error
+    from flexkd.models import load_pretrained, load_tokenizer
+
+    folder = Path(cfg.run.output_dir, artifacts.STUDENT)
+    data = load_task_data(cfg.data)
+    tok = load_tokenizer(folder, cfg.data.task)
+    model = load_pretrained(folder, cfg.data.task, data.label_names, tok).eval()
+    hits, confidences, sums = [], [], 0
+    for row in data.val[:16]:
+        ex = encode(row, tok, cfg.data, data.label_names)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0].double()
+        for position, label in enumerate(ex["labels"]):
+            if label != IGNORE:
+                probs = torch.softmax(logits[position], -1)
+                confidences.append(float(probs.max()))
+                hits.append(float(int(probs.argmax()) == label))
+        at = torch.tensor(ex["labels"]) != IGNORE
+        sums = sums + calibration_sums(logits[at], torch.tensor(ex["labels"])[at])
+    assert hits
+    assert metrics["val/token_accuracy"] == pytest.approx(sum(hits) / len(hits), abs=1e-9)
+    assert metrics["val/confidence"] == pytest.approx(sum(confidences) / len(confidences), abs=1e-5)
+    assert metrics["val/ece"] == pytest.approx(expected_calibration_error(sums), abs=1e-5)
     layers, _ = load_selection(Path(cfg.run.output_dir, artifacts.SELECTION))
     assert layers[0].k == 16  # the student's hidden size
 
