@@ -139,6 +139,25 @@ def test_an_unreachable_tracking_server_fails_fast(monkeypatch):
     print(f"failed in {time.perf_counter() - start:.2f}s")
 
 
+def test_experiments_open_in_the_ui_training_view(tmp_path):
+    """MLflow 3's UI shows an experiment as a GenAI one (traces, sessions; no runs table) unless the address
+    asks for the model-training view: the experiment carries its kind, and every printed address asks."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.check_store(uri)
+    eid = tracking.ensure_experiment(uri, "students")
+    assert tracking.ensure_experiment(uri, "students") == eid
+    tags = tracking.client(uri).get_experiment(eid).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+    line = tracking.ui_command(uri, eid)
+    assert f"ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" in line
+    assert line.endswith(f"open http://127.0.0.1:5000/#/experiments/{eid}?workflowType=machine_learning")
+    served = tracking.ui_command("http://mlflow.internal:5000/", "7")
+    assert served.startswith(
+        "open http://mlflow.internal:5000/#/experiments/7?workflowType=machine_learning "
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A real sweep
 
@@ -205,6 +224,8 @@ def test_sweep_with_asha_and_train_workers_records_everything(ray_cluster, disk,
     assert parent.info.status == "FINISHED"
     assert parent.data.params["sweep.seed"] == "3" and parent.data.params["sweep.trials"] == "3"
     assert parent.data.tags["version.ray"].startswith("2.")
+    kind = client.get_experiment(summary["experiment_id"]).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"  # the UI's model-training view, not its GenAI one
     assert len(parent.data.tags["mlflow.source.git.commit"]) == 40  # MLflow's own name: the Source column
     assert parent.data.tags["mlflow.source.name"] == f"flexkd sweep {spec.name}"
     note = parent.data.tags[tracking.NOTE_TAG]  # the Description: the leaderboard's summary

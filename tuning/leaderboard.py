@@ -356,7 +356,7 @@ def print_summary(summary: dict, spec: SweepSpec, uri: str) -> None:
         aliases = [tracking.CHAMPION, reg["sweep_alias"], *reg.get("pareto_aliases", [])[:3]]
         more = " ..." if len(reg.get("pareto_aliases", [])) > 3 else ""
         print("  load it: " + " or ".join(f"models:/{reg['name']}@{a}" for a in aliases) + more)
-    print(f"MLflow UI: {tracking.ui_command(uri)}")
+    print(f"MLflow UI: {tracking.ui_command(uri, summary.get('experiment_id'))}")
 
 
 def _short(value) -> str:

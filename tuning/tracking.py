@@ -59,12 +59,34 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
-def ui_command(uri: str) -> str:
-    """The exact command that opens the MLflow UI on ``uri`` (the mlflow beside this Python, if there is one)."""
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""Tags every experiment flexkd creates: a model-training experiment, not a GenAI one (MLflow 3's UI)."""
+
+TRAINING_VIEW = "workflowType=machine_learning"
+"""MLflow 3's UI opens an experiment in its GenAI view (traces, sessions) unless the address asks for the
+model-training view, where runs, their metrics and the registry are; every address flexkd prints asks."""
+
+
+def experiment_url(base: str, experiment_id: str | None) -> str:
+    """The address of ``experiment_id``'s runs in the UI served at ``base``, in the model-training view."""
+    base = base.rstrip("/")
+    if experiment_id is None:
+        return f"{base}/#/experiments?{TRAINING_VIEW}"
+    return f"{base}/#/experiments/{experiment_id}?{TRAINING_VIEW}"
+
+
+def ui_command(uri: str, experiment_id: str | None = None) -> str:
+    """The exact command that opens the MLflow UI on ``uri`` (the mlflow beside this Python, if there is one),
+    and the address of the experiment's runs there."""
     if uri.startswith("sqlite:///"):
         beside = Path(sys.executable).parent / "mlflow"
         program = str(beside) if beside.exists() else "mlflow"
-        return f"{program} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        return (
+            f"{program} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
+            f"{experiment_url('http://127.0.0.1:5000', experiment_id)}"
+        )
+    if uri.startswith(("http://", "https://")):
+        return f"open {experiment_url(uri, experiment_id)} (or port-forward it; see cluster/README.md)"
     return f"open {uri} in a browser (or port-forward it; see cluster/README.md)"
 
 
@@ -201,7 +223,7 @@ def ensure_experiment(uri: str, name: str) -> str:
     found = c.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    return c.create_experiment(name, artifact_location=artifact_root(uri))
+    return c.create_experiment(name, artifact_location=artifact_root(uri), tags=EXPERIMENT_KIND)
 
 
 # ---------------------------------------------------------------------------------------------------------
