@@ -156,6 +156,11 @@ def test_experiments_open_in_the_ui_training_view(tmp_path):
     assert served.startswith(
         "open http://mlflow.internal:5000/#/experiments/7?workflowType=machine_learning "
     )
+    with_password = tracking.ui_command("https://alice:s3cret@mlflow.internal:5000", "7")
+    assert (
+        "s3cret" not in with_password
+        and "https://alice:***@mlflow.internal:5000/#/experiments/7" in with_password
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

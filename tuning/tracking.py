@@ -85,9 +85,10 @@ def ui_command(uri: str, experiment_id: str | None = None) -> str:
             f"{program} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
             f"{experiment_url('http://127.0.0.1:5000', experiment_id)}"
         )
+    shown = redact(uri)  # printed to terminals and job logs: never a password in a server's address
     if uri.startswith(("http://", "https://")):
-        return f"open {experiment_url(uri, experiment_id)} (or port-forward it; see cluster/README.md)"
-    return f"open {uri} in a browser (or port-forward it; see cluster/README.md)"
+        return f"open {experiment_url(shown, experiment_id)} (or port-forward it; see cluster/README.md)"
+    return f"open {shown} in a browser (or port-forward it; see cluster/README.md)"
 
 
 WAIT_ENV = "FLEXKD_TRACKING_WAIT_S"
