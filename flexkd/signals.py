@@ -15,7 +15,8 @@ Layout: one content-addressed folder per cache under ``signals.path``::
 The key hashes the *material*: the teacher's files, the student's tokenizer (it decides the positions), the
 training rows, the tokenisation settings, precision, layers, dtype, top-k and temperatures. A run looks for
 its key, then for a cache whose material differs only by holding more (a superset of layers or
-temperatures); anything else is refused with the config key that differs.
+temperatures) or by a finer precision (an fp32 cache serves a bf16 run); anything else is refused with the
+config key that differs.
 
 A shard holds its examples' tensors concatenated, with offsets: ``index`` (n,), ``tok_offsets`` (n+1,),
 ``pos_offsets`` (n+1,), ``hidden.<layer>`` (tokens, d), and ``logits`` (positions, C|V) or ``top_values`` /
@@ -60,6 +61,9 @@ MATERIAL_KEYS = {
     "units": "signals.units",
 }
 SUPERSET_FIELDS = ("layers", "temperatures")  # a cache holding more of these serves a run needing fewer
+# A cache built in fp32 holds the outputs a bf16 teacher approximates, so it serves a bf16 run too (whose
+# student still trains under autocast); a bf16 cache does not serve an fp32 run.
+SERVES_PRECISION = {"fp32": {"fp32", "bf16"}, "bf16": {"bf16"}}
 
 
 class SignalError(ConfigError):
@@ -128,6 +132,9 @@ def differences(have: dict, want: dict) -> list[str]:
         a, b = have.get(name), want.get(name)
         if name in SUPERSET_FIELDS:
             if not set(b or []) <= set(a or []):
+                out.append(name)
+        elif name == "precision":
+            if b not in SERVES_PRECISION.get(a, {a}):
                 out.append(name)
         elif a != b:
             out.append(name)

@@ -179,9 +179,14 @@ def test_a_cache_for_other_inputs_is_refused_naming_the_key(disk, tmp_path):
     )
     with pytest.raises(ConfigError, match="^student.path: "):
         sig.attach(other, preflight(other))
-    # The same run finds it, directly and by scanning the root; a run with fewer layers is served too.
+    # The same run finds it, directly and by scanning the root; a run with fewer layers is served too, and a
+    # bf16 run by this fp32 cache (a bf16 cache would not serve an fp32 run: tested on `differences`).
     same = _config(disk, tmp_path, "classification", ["feature.layers=last", *direct])
     assert sig.attach(same, preflight(same)).signals == bp.folder
+    bf16 = _config(disk, tmp_path, "classification", ["feature.layers=last", *direct, "run.precision=bf16"])
+    assert sig.attach(bf16, preflight(bf16)).signals == bp.folder
+    built = json.loads((Path(bp.folder) / "manifest.json").read_text())["material"]
+    assert sig.differences({**built, "precision": "bf16"}, built) == ["precision"]
     scan = _config(disk, tmp_path, "classification", ["feature.layers=last", "signals.mode=cached"])
     plan = sig.attach(scan, preflight(scan))
     assert plan.signals == bp.folder and not plan.loads_teacher
