@@ -7,7 +7,7 @@ autocast (run.precision=bf16), interleaved so a noisy machine slows every settin
 the fused kernel moves the weights as the per-tensor loop does: the largest weight difference after the
 timed steps, from the same start and batches (fp32).
 
-    python benchmarks/cpu_step.py                       # paraphrase-MiniLM-L3-v2 from fetch.sh, batch 32 x 128
+    python benchmarks/cpu_step.py                       # paraphrase-MiniLM-L3-v2 from fetch.sh, batch 16 x 128
     python benchmarks/cpu_step.py --student tiny        # no assets needed
 """
 
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     parser.add_argument("--student", default="minilm3", choices=sorted(STUDENTS))
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)

@@ -48,7 +48,7 @@ class Run:
     """auto | cpu | cuda. auto picks cuda when available."""
     precision: str = "fp32"
     """fp32 | bf16: the forward and losses under bf16 autocast; weights, gradients and AdamW state stay fp32.
-    Fast on CUDA and on CPUs with AMX (0.55x the fp32 step of a MiniLM-L3 student on 2 cores:
+    Fast on CUDA and on CPUs with AMX (0.68x the fp32 step of a MiniLM-L3 student on 2 cores:
     benchmarks/cpu_step.py); CPUs without bf16 units emulate it slowly. Stored fp32 teacher signals serve it."""
 
 
