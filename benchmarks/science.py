@@ -127,8 +127,8 @@ STUDENTS = {
         "lrs": [3e-4, 1e-3, 3e-3],
     },
     "minilm3": {
-        # bf16 autocast and fused AdamW: 0.59x the old fp32 step of this student here (benchmarks/cpu_step.py), from the same fp32
-        # teacher signals; every method of the cell runs so. The narrow cells ran fp32 before that was measured.
+        # bf16 autocast with fused AdamW: 0.59x the old fp32 step of this student here (benchmarks/cpu_step.py),
+        # from the same fp32 teacher signals; every method of the cell runs so. The narrow cells ran fp32.
         "overrides": [f"student.path={ASSETS / 'models/paraphrase-MiniLM-L3-v2'}", "run.precision=bf16"],
         "hidden": 384,
         "ablation": None,
