@@ -3,11 +3,14 @@ planned trial is recorded, the parent run ends FINISHED and the best student is 
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -113,4 +116,71 @@ def test_a_sweep_survives_the_tracking_server_going_down_and_coming_back(disk, t
         version = c.get_model_version_by_alias("outage-student", tracking.CHAMPION)
         assert version.run_id == best
     finally:
+        kill_server(server)
+
+
+class _LosesFirstCreateAnswer(http.server.BaseHTTPRequestHandler):
+    """Forwards every request to the real server; the first create of an experiment, a run and a registered
+    model reaches the store, and then its connection drops before the answer: what a server killed between
+    storing and answering does."""
+
+    upstream = ""
+    dropped: dict[str, str] = {}
+
+    def do_GET(self):
+        self.forward()
+
+    def do_POST(self):
+        self.forward()
+
+    def forward(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        answer = requests.request(
+            self.command,
+            self.upstream + self.path,
+            data=body,
+            headers={k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")},
+            timeout=60,
+        )
+        kind = self.path.rsplit("/", 2)[-2] if self.path.endswith("/create") else ""
+        if kind in ("runs", "experiments", "registered-models") and kind not in self.dropped:
+            self.dropped[kind] = answer.text
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.send_response(answer.status_code)
+        self.send_header("Content-Type", answer.headers.get("Content-Type", "application/json"))
+        self.send_header("Content-Length", str(len(answer.content)))
+        self.end_headers()
+        self.wfile.write(answer.content)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_what_a_lost_create_answer_made_is_made_once(tmp_path):
+    store = tmp_path / "server"
+    store.mkdir()
+    port, proxy_port = free_ports(2)
+    server = start_server(store, port)
+    _LosesFirstCreateAnswer.upstream = f"http://127.0.0.1:{port}"
+    _LosesFirstCreateAnswer.dropped = {}
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", proxy_port), _LosesFirstCreateAnswer)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{proxy_port}"
+        experiment = tracking.ensure_experiment(uri, "lost-answer")
+        parent = tracking.start_parent(uri, experiment, "lost", {"a": 1}, {}, {})
+        child = tracking.start_child(uri, experiment, parent, "t0", "trial 0", {"optim.lr": 1e-3})
+        tracking.ensure_registered_model(uri, "lost-student")
+        # The store did make an experiment, a run and a registered model whose answers never came.
+        assert set(_LosesFirstCreateAnswer.dropped) == {"runs", "experiments", "registered-models"}
+        direct = f"http://127.0.0.1:{port}"
+        assert tracking.client(direct).get_experiment_by_name("lost-answer").experiment_id == experiment
+        live = tracking.client(direct).search_runs([experiment])
+        assert sorted(r.info.run_id for r in live) == sorted([parent, child])  # one parent, one child
+        assert tracking.children(direct, parent, experiment)[0].data.params == {"optim.lr": "0.001"}
+        assert [m.name for m in tracking.client(direct).search_registered_models()] == ["lost-student"]
+    finally:
+        proxy.shutdown()
         kill_server(server)

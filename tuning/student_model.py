@@ -166,7 +166,6 @@ def register_student(
     tag, from which the UI links the model to its versions, lists it (a server sets that tag itself; an embedded
     store does not).
     """
-    from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
     from . import tracking
@@ -174,10 +173,7 @@ def register_student(
     c = tracking.client(uri)
     model_id = model_uri.removeprefix("models:/")
     logged = c.get_logged_model(model_id)
-    try:
-        c.get_registered_model(name)
-    except MlflowException:
-        c.create_registered_model(name)
+    tracking.ensure_registered_model(uri, name)
     with store_uri(uri):  # the SQLite registry looks a models:/<id> source up through the global store
         mv = c.create_model_version(
             name,

@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ METHOD_TAG = "flexkd.method"
 NUMBER_TAG = "flexkd.trial_number"  # the search's order: Optuna's trial number
 NOTE_TAG = "mlflow.note.content"  # the run's Description in the UI
 STUDENT_URI_TAG = "flexkd.student_model"
+CREATE_TAG = "flexkd.create_id"  # one id per create_run call: its retries find the runs it already made
 STUDENT_ARTIFACT = "student"
 CHAMPION = "champion"
 
@@ -220,11 +222,21 @@ def check_store(uri: str) -> None:
 
 
 def ensure_experiment(uri: str, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
     c = client(uri)
     found = c.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    return c.create_experiment(name, artifact_location=artifact_root(uri), tags=EXPERIMENT_KIND)
+    try:
+        return c.create_experiment(name, artifact_location=artifact_root(uri), tags=EXPERIMENT_KIND)
+    except MlflowException:
+        # Made already: by another sweep starting beside this one, or by this request's first copy (its
+        # answer lost, MLflow's HTTP layer sent it again and the store refused the name the second time).
+        found = c.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,11 +297,26 @@ def start_parent(
 ) -> str:
     """The sweep's parent run; ``files`` are text artifacts (name -> content)."""
     c = client(uri)
-    run = c.create_run(experiment_id, run_name=sweep_name, tags={SWEEP_TAG: sweep_name, **tags, **versions()})
+    run = create_run(uri, experiment_id, sweep_name, {SWEEP_TAG: sweep_name, **tags, **versions()})
     log_params(uri, run.info.run_id, params)
     for name, text in files.items():
         c.log_text(run.info.run_id, text, name)
     return run.info.run_id
+
+
+def create_run(uri: str, experiment_id: str, name: str, tags: dict):
+    """One new run, however often the request is sent. A create whose answer is lost (the server stored the
+    run, then went down or the connection dropped) is sent again, by MLflow's HTTP layer (it retries POSTs)
+    and by :func:`retrying`, and each copy that reached the store is a run: a sweep would show a trial twice,
+    one copy RUNNING for ever. Every copy carries this call's id; the run the call returned stays, the others
+    are deleted."""
+    c = client(uri)
+    made = uuid.uuid4().hex
+    run = c.create_run(experiment_id, run_name=name, tags={**tags, CREATE_TAG: made})
+    for twin in c.search_runs([experiment_id], filter_string=f"tags.`{CREATE_TAG}` = '{made}'"):
+        if twin.info.run_id != run.info.run_id:
+            c.delete_run(twin.info.run_id)
+    return run
 
 
 def shown(value: Any) -> str:
@@ -337,10 +364,11 @@ def start_child(
         filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
     ):
         c.delete_run(old.info.run_id)
-    run = c.create_run(
+    run = create_run(
+        uri,
         experiment_id,
-        run_name=name,
-        tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id, OUTCOME_TAG: "running", **(tags or {})},
+        name,
+        {PARENT_TAG: parent_id, TRIAL_TAG: trial_id, OUTCOME_TAG: "running", **(tags or {})},
     )
     log_params(uri, run.info.run_id, params)
     return run.info.run_id
@@ -561,6 +589,23 @@ def better(a: float, b: float, mode: str) -> bool:
     return a > b if mode == "max" else a < b
 
 
+def ensure_registered_model(uri: str, name: str, description: str | None = None) -> None:
+    """The registered model ``name``, made when absent; one that exists when the create arrives (made by a
+    sweep beside this one, or by this request's first copy whose answer was lost) is used."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        c.get_registered_model(name)
+        return
+    except MlflowException:
+        pass
+    try:
+        c.create_registered_model(name, description=description)
+    except MlflowException:
+        c.get_registered_model(name)  # raises the store's own error when it is still absent
+
+
 def register(
     uri: str,
     name: str,
@@ -590,18 +635,14 @@ def register(
     from tuning.student_model import register_student
 
     c = client(uri)
-    try:
-        c.get_registered_model(name)
-    except MlflowException:
-        c.create_registered_model(
-            name,
-            description=(
-                "Students distilled by flexkd. Aliases: 'champion' = the best on its objective so far (moves "
-                "only when a sweep beats it); 'sweep-' + a sweep's run name = that sweep's best; 'pareto-<k>' = the "
-                "k-th member of the latest multi-objective sweep's Pareto front, in order of its first objective. "
-                "Version tags: objective, its value (every objective's with several), method, sweep, trial."
-            ),
-        )
+    ensure_registered_model(
+        uri,
+        name,
+        "Students distilled by flexkd. Aliases: 'champion' = the best on its objective so far (moves "
+        "only when a sweep beats it); 'sweep-' + a sweep's run name = that sweep's best; 'pareto-<k>' = the "
+        "k-th member of the latest multi-objective sweep's Pareto front, in order of its first objective. "
+        "Version tags: objective, its value (every objective's with several), method, sweep, trial.",
+    )
     existing = {v.run_id: v for v in c.search_model_versions(f"name='{name}'")}
     numbers = {}
     for rank, row in reversed(list(enumerate(best, 1))):
