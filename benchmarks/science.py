@@ -491,6 +491,9 @@ def teacher_line(root: Path, metric: str) -> dict:
     if unseen.exists():
         out.update(json.loads(unseen.read_text()))
     out["wall_s"] = json.loads(wall.read_text())["wall_s"] if wall.exists() else float("nan")
+    done = root / "signals.done"
+    if done.exists():
+        out["signals_wall_s"] = json.loads(done.read_text())["wall_s"]
     return out
 
 
@@ -504,10 +507,13 @@ def kept_cells(path: Path, cells: list[Cell], out: Path, args) -> tuple[list[Cel
     for key, cell in stored["cells"].items():
         if key in here:
             continue
-        kept.append(Cell(*parse_cell(key), out, args))
+        c = Cell(*parse_cell(key), out, args)
+        c.lrs = cell.get("lrs", STUDENTS[c.student]["lrs"])  # what it swept, not this invocation's --lrs
+        kept.append(c)
         lr = {row["method"]: row["lr"] for row in cell["summary"]["main"]}
         results[key] = {"lr": lr, "runs": cell["runs"], "kept_from": f"{path} ({stored.get('time', '?')})"}
-        teachers[key.split(":")[0]] = stored["teachers"].get(key.split(":")[0], {})
+        # The teacher the cell ran with: a teacher fine-tuned again since (same settings) is another model.
+        teachers[key] = cell.get("teacher") or stored["teachers"].get(key.split(":")[0], {})
     return kept, results, teachers
 
 
@@ -515,25 +521,28 @@ def report(cells: list[Cell], cell_results: dict, out: Path, kept_teachers: dict
     print(f"# Flex-KD vs baselines, seeds {cells[0].args.seeds}; {machine()}")
     payload = {"cells": {}, "teachers": {}, "settings": {k: v for k, v in vars(cells[0].args).items()}}
     for cell in cells:
-        t = teacher_line(cell.root, cell.metric) or (kept_teachers or {}).get(cell.task, {})
+        key = f"{cell.task}:{cell.student}"
+        results = cell_results[key]
+        kept_t = (kept_teachers or {}).get(key) if "kept_from" in results else None
+        t = kept_t if kept_t is not None else teacher_line(cell.root, cell.metric)
         payload["teachers"][cell.task] = t
-        results = cell_results[f"{cell.task}:{cell.student}"]
         s = summarise(cell, results)
         payload["cells"][f"{cell.task}:{cell.student}"] = {
             "summary": s,
             "runs": [{k: v for k, v in r.items()} for r in results["runs"]],
+            "lrs": cell.lrs,
+            "teacher": t,
             **({"kept_from": results["kept_from"]} if "kept_from" in results else {}),
         }
-        tline = ", ".join(f"{k} {v:.4f}" for k, v in t.items() if isinstance(v, float) and k != "wall_s")
+        tline = ", ".join(
+            f"{k} {v:.4f}" for k, v in t.items() if isinstance(v, float) and not k.endswith("wall_s")
+        )
         print(
             f"\n## {cell.task} : {cell.student} (hidden {cell.who['hidden']}, {cell.steps} steps of batch 16)"
         )
-        done = cell.root / "signals.done"
         spent = [
             f"{t['wall_s'] / 60:.1f} min to fine-tune" if t and not math.isnan(t["wall_s"]) else "",
-            f"{json.loads(done.read_text())['wall_s'] / 60:.1f} min to store its signals"
-            if done.exists()
-            else "",
+            f"{t['signals_wall_s'] / 60:.1f} min to store its signals" if "signals_wall_s" in t else "",
         ]
         spent = ", ".join(x for x in spent if x)
         print(f"teacher: {tline or 'not trained yet'}" + (f" ({spent})" if spent else ""))
@@ -608,7 +617,7 @@ def plot(cells: list[Cell], payload: dict, path: Path) -> None:
         # A task whose test split is mostly repeats of training rows is plotted on its unseen rows.
         split = "test_unseen" if cell.spec.get("plot_unseen") else "test"
         seeds_and_mean(ax, s["main"], "_unseen" if split == "test_unseen" else "_scores")
-        teacher = payload["teachers"].get(cell.task, {}).get(f"{split}/{cell.metric}")
+        teacher = payload["cells"][key]["teacher"].get(f"{split}/{cell.metric}")
         if teacher is not None:
             ax.axhline(teacher, ls="--", c="gray", label=f"teacher {teacher:.3f}")
             ax.legend(loc="best")
