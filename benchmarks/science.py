@@ -527,7 +527,7 @@ def report(cells: list[Cell], cell_results: dict, out: Path, kept_teachers: dict
         t = kept_t if kept_t is not None else teacher_line(cell.root, cell.metric)
         payload["teachers"][cell.task] = t
         s = summarise(cell, results)
-        payload["cells"][f"{cell.task}:{cell.student}"] = {
+        payload["cells"][key] = {
             "summary": s,
             "runs": [{k: v for k, v in r.items()} for r in results["runs"]],
             "lrs": cell.lrs,
