@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tuning import tracking
+from tuning import registry, tracking
 from tuning.submit import EXCLUDES
 
 from .fixtures import mlflow_server
@@ -209,7 +209,7 @@ def check_store(uri: str, experiment: str, parents: int) -> list:
     # The champion is the best of the sweeps' bests: a later sweep moves it only when it beats it.
     bests = [client.get_run(p.data.tags["flexkd.best_run_id"]) for p in parent_runs]
     champion = max(bests, key=lambda r: r.data.metrics["val/accuracy"])
-    version = client.get_model_version_by_alias("flexkd-demo-student", tracking.CHAMPION)
+    version = client.get_model_version_by_alias("flexkd-demo-student", registry.CHAMPION)
     assert (
         client.get_run(version.run_id).data.metrics["val/accuracy"] == champion.data.metrics["val/accuracy"]
     )

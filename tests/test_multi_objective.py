@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from flexkd.config import ConfigError
-from tuning import tracking
+from tuning import registry, tracking
 from tuning.space import load_sweep
 
 from .test_sweep import write_sweep
@@ -119,7 +119,7 @@ def test_multi_objective_sweep_reports_registers_and_reruns_its_front(
         assert float(mv.tags["val/loss"]) == pytest.approx(points[row["run_id"]][0], rel=1e-5)
         assert float(mv.tags["perf/student_params"]) == points[row["run_id"]][1]
         assert mv.tags["pareto_rank"] == str(k)
-    champion = c.get_model_version_by_alias("front-student", tracking.CHAMPION)
+    champion = c.get_model_version_by_alias("front-student", registry.CHAMPION)
     assert champion.run_id == front[0]["run_id"]  # the best first objective within the front
     parent = c.get_run(summary["parent_run_id"])
     files = {a.path for a in c.list_artifacts(parent.info.run_id)}

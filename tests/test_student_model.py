@@ -23,8 +23,9 @@ from transformers import pipeline
 
 from flexkd import demo
 from flexkd.models import config_from_arch, model_class
-from tuning import tracking
-from tuning.student_model import load_student, log_student, register_student
+from tuning import registry, tracking
+from tuning.registry import register_student
+from tuning.student_model import load_student, log_student
 
 VENV_BIN = Path(sys.executable).parent
 ARCH = {
@@ -113,7 +114,7 @@ def test_a_classifier_is_logged_registered_and_loaded_back(folders, store, monke
     assert [o.model_id for o in c.get_run(run_id).outputs.model_outputs] == [logged.model_id]
 
     mv = register_student(uri, "student-cls", model_uri, tags={"objective": "val/accuracy"})
-    c.set_registered_model_alias("student-cls", tracking.CHAMPION, mv.version)
+    c.set_registered_model_alias("student-cls", registry.CHAMPION, mv.version)
     assert (mv.run_id, mv.source) == (run_id, model_uri)
     assert json.loads(c.get_logged_model(logged.model_id).tags["mlflow.modelVersions"]) == [
         {"name": "student-cls", "version": int(mv.version)}
@@ -217,7 +218,7 @@ def test_mlflow_models_serve_answers_with_the_labels(folders, store, tmp_path):
     run_id = tracking.client(uri).create_run(experiment).info.run_id
     model_uri = log_student(uri, run_id, folders["classification"], "classification", TEXTS)
     mv = register_student(uri, "student-srv", model_uri)
-    tracking.client(uri).set_registered_model_alias("student-srv", tracking.CHAMPION, mv.version)
+    tracking.client(uri).set_registered_model_alias("student-srv", registry.CHAMPION, mv.version)
     labels, _ = expected_labels(folders["classification"], TEXTS)
 
     port = free_port()
@@ -271,25 +272,25 @@ def test_the_champion_moves_only_to_a_better_student(folders, store):
         return out
 
     def champion():
-        return c.get_model_version_by_alias("m", tracking.CHAMPION)
+        return c.get_model_version_by_alias("m", registry.CHAMPION)
 
     first = rows(0.80, 0.75)
-    a = tracking.register(uri, "m", first, "val/accuracy", "max", "a-1")
+    a = registry.register(uri, "m", first, "val/accuracy", "max", "a-1")
     assert a["champion_moved"] and champion().run_id == first[0]["run_id"]
     assert champion().tags["val/accuracy"] == "0.8" and champion().tags["method"] == "flexkd+kd"
     assert c.get_model_version_by_alias("m", "sweep-a-1").run_id == first[0]["run_id"]
     latest = max(c.search_model_versions("name='m'"), key=lambda v: int(v.version))
     assert latest.run_id == first[0]["run_id"]  # registered worst first: "latest" is the best
     worse = rows(0.70)
-    b = tracking.register(uri, "m", worse, "val/accuracy", "max", "b-1")
+    b = registry.register(uri, "m", worse, "val/accuracy", "max", "b-1")
     assert not b["champion_moved"] and "stays version" in b["note"]
     assert champion().run_id == first[0]["run_id"]
     assert c.get_model_version_by_alias("m", "sweep-b-1").run_id == worse[0]["run_id"]
     count = len(c.search_model_versions("name='m'"))
-    again = tracking.register(uri, "m", worse, "val/accuracy", "max", "b-1")  # a resumed sweep
+    again = registry.register(uri, "m", worse, "val/accuracy", "max", "b-1")  # a resumed sweep
     assert len(c.search_model_versions("name='m'")) == count and again["versions"] == b["versions"]
     best = rows(0.90)
-    tracking.register(uri, "m", best, "val/accuracy", "max", "c-1")
+    registry.register(uri, "m", best, "val/accuracy", "max", "c-1")
     assert champion().run_id == best[0]["run_id"]
-    model, _ = tracking.load_registered("models:/m@champion", uri=uri)  # the transformers objects
+    model, _ = registry.load_registered("models:/m@champion", uri=uri)  # the transformers objects
     assert model.config.id2label[0] == demo.LABELS[0]

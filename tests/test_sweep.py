@@ -16,7 +16,7 @@ import yaml
 
 from flexkd import demo
 from flexkd.config import ConfigError, load_config
-from tuning import reaper, tracking
+from tuning import reaper, registry, tracking
 from tuning.space import DefineByRun, describe, load_sweep, parse_space, trial_overrides
 
 
@@ -305,13 +305,13 @@ def test_sweep_with_asha_and_train_workers_records_everything(ray_cluster, disk,
     cfg = load_config(str(best_yaml))
     assert cfg.run.name == f"{spec.name}-best"
     assert client.get_run(best["run_id"]).data.params["optim.lr"] == f"{cfg.optim.lr:.4g}"
-    version = client.get_model_version_by_alias("test-student", tracking.CHAMPION)
+    version = client.get_model_version_by_alias("test-student", registry.CHAMPION)
     assert version.run_id == best["run_id"] and version.tags["objective"] == "val/loss"
     assert float(version.tags["val/loss"]) == pytest.approx(best["val/loss"], rel=1e-5)
     versions = client.search_model_versions("name='test-student'")
     newest = max(versions, key=lambda v: int(v.version))
     assert newest.run_id == best["run_id"]  # "latest" is the best, not the runner-up
-    model, tok = tracking.load_registered("models:/test-student@champion", uri=uri)
+    model, tok = registry.load_registered("models:/test-student@champion", uri=uri)
     inputs = tok(["the plot was not very dull"], return_tensors="pt")
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -329,7 +329,7 @@ def test_sweep_with_asha_and_train_workers_records_everything(ray_cluster, disk,
     again = run_sweep(spec, raw, resume=True, quiet=True)
     after = sorted((v.version, v.run_id) for v in client.search_model_versions("name='test-student'"))
     assert after == before and again["registered"]["versions"] == summary["registered"]["versions"]
-    assert client.get_model_version_by_alias("test-student", tracking.CHAMPION).version == version.version
+    assert client.get_model_version_by_alias("test-student", registry.CHAMPION).version == version.version
     assert len(tracking.children(uri, parent.info.run_id, summary["experiment_id"])) == 3
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tuning import tracking
+from tuning import registry, tracking
+from tuning.student_model import log_student
 
 from .fixtures import mlflow_server
 from .test_cluster import free_ports, wait_for
@@ -113,16 +114,19 @@ def test_a_sweep_survives_the_tracking_server_going_down_and_coming_back(disk, t
             steps = [m.step for m in c.get_metric_history(r.info.run_id, "train/loss")]
             assert steps == list(range(5, 61, 5)), (r.info.run_name, steps)
         best = parent.data.tags["flexkd.best_run_id"]
-        version = c.get_model_version_by_alias("outage-student", tracking.CHAMPION)
+        version = c.get_model_version_by_alias("outage-student", registry.CHAMPION)
         assert version.run_id == best
     finally:
         kill_server(server)
 
 
+LOST_CREATES = {"runs", "experiments", "registered-models", "model-versions", "logged-models"}
+
+
 class _LosesFirstCreateAnswer(http.server.BaseHTTPRequestHandler):
-    """Forwards every request to the real server; the first create of an experiment, a run and a registered
-    model reaches the store, and then its connection drops before the answer: what a server killed between
-    storing and answering does."""
+    """Forwards every request to the real server; the first create of an experiment, a run, a registered
+    model and a model version reaches the store, and then its connection drops before the answer: what a
+    server killed between storing and answering does."""
 
     upstream = ""
     dropped: dict[str, str] = {}
@@ -131,6 +135,15 @@ class _LosesFirstCreateAnswer(http.server.BaseHTTPRequestHandler):
         self.forward()
 
     def do_POST(self):
+        self.forward()
+
+    def do_PATCH(self):
+        self.forward()
+
+    def do_DELETE(self):
+        self.forward()
+
+    def do_PUT(self):  # artifact uploads
         self.forward()
 
     def forward(self):
@@ -143,7 +156,9 @@ class _LosesFirstCreateAnswer(http.server.BaseHTTPRequestHandler):
             timeout=60,
         )
         kind = self.path.rsplit("/", 2)[-2] if self.path.endswith("/create") else ""
-        if kind in ("runs", "experiments", "registered-models") and kind not in self.dropped:
+        if self.command == "POST" and self.path.endswith("/logged-models"):  # MLflow 3's create has no verb
+            kind = "logged-models"
+        if kind in LOST_CREATES and kind not in self.dropped:
             self.dropped[kind] = answer.text
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -158,7 +173,7 @@ class _LosesFirstCreateAnswer(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_what_a_lost_create_answer_made_is_made_once(tmp_path):
+def test_what_a_lost_create_answer_made_is_made_once(disk, tmp_path):
     store = tmp_path / "server"
     store.mkdir()
     port, proxy_port = free_ports(2)
@@ -172,15 +187,26 @@ def test_what_a_lost_create_answer_made_is_made_once(tmp_path):
         experiment = tracking.ensure_experiment(uri, "lost-answer")
         parent = tracking.start_parent(uri, experiment, "lost", {"a": 1}, {}, {})
         child = tracking.start_child(uri, experiment, parent, "t0", "trial 0", {"optim.lr": 1e-3})
-        tracking.ensure_registered_model(uri, "lost-student")
-        # The store did make an experiment, a run and a registered model whose answers never came.
-        assert set(_LosesFirstCreateAnswer.dropped) == {"runs", "experiments", "registered-models"}
+        registry.ensure_registered_model(uri, "lost-student")
         direct = f"http://127.0.0.1:{port}"
+        model_uri = log_student(uri, child, disk["student_cls"], "classification", ["a dull plot"])
+        version = registry.register_student(uri, "lost-student", model_uri, tags={"a": "1"})
+        # The store did make an experiment, a run, a registered model, a logged model and a version whose
+        # answers never came.
+        assert set(_LosesFirstCreateAnswer.dropped) == LOST_CREATES
         assert tracking.client(direct).get_experiment_by_name("lost-answer").experiment_id == experiment
         live = tracking.client(direct).search_runs([experiment])
         assert sorted(r.info.run_id for r in live) == sorted([parent, child])  # one parent, one child
         assert tracking.children(direct, parent, experiment)[0].data.params == {"optim.lr": "0.001"}
         assert [m.name for m in tracking.client(direct).search_registered_models()] == ["lost-student"]
+        models = tracking.client(direct).search_logged_models(experiment_ids=[experiment])
+        assert [m.model_id for m in models] == [model_uri.removeprefix("models:/")]  # no PENDING twin
+        kept = tracking.client(direct).search_model_versions("name='lost-student'")
+        assert [(v.version, v.run_id, v.tags["a"]) for v in kept] == [(version.version, child, "1")]
+        listed = json.loads(
+            tracking.client(direct).get_logged_model(models[0].model_id).tags["mlflow.modelVersions"]
+        )
+        assert [e["version"] for e in listed] == [int(version.version)]  # the UI's link to its one version
     finally:
         proxy.shutdown()
         kill_server(server)

@@ -13,7 +13,7 @@ import yaml
 
 from flexkd import artifacts
 from flexkd.storage import Store
-from tuning import plots, tracking
+from tuning import plots, registry, tracking
 from tuning.space import SweepSpec
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def finish(context: SweepContext, grid, stopped_record: str, files: Store, quiet
     top = logged if spec.multi and spec.tracking.register_top > 0 else logged[: spec.tracking.register_top]
     if top:
         name = spec.tracking.register_as or f"flexkd-{spec.name}"
-        summary["registered"] = tracking.register(
+        summary["registered"] = registry.register(
             uri,
             name,
             top,
@@ -353,7 +353,7 @@ def print_summary(summary: dict, spec: SweepSpec, uri: str) -> None:
     if "registered" in summary:
         reg = summary["registered"]
         print(f"registered: {reg['name']} versions {', '.join(reg['versions'])}; {reg['note']}")
-        aliases = [tracking.CHAMPION, reg["sweep_alias"], *reg.get("pareto_aliases", [])[:3]]
+        aliases = [registry.CHAMPION, reg["sweep_alias"], *reg.get("pareto_aliases", [])[:3]]
         more = " ..." if len(reg.get("pareto_aliases", [])) > 3 else ""
         print("  load it: " + " or ".join(f"models:/{reg['name']}@{a}" for a in aliases) + more)
     print(f"MLflow UI: {tracking.ui_command(uri, summary.get('experiment_id'))}")

@@ -23,8 +23,8 @@ at it only for the calls that need it (``store_uri``).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,7 +99,7 @@ def log_student(
 ) -> str:
     """Log the student folder (``save_pretrained`` of the task's model class, with its tokenizer) as the MLflow
     model ``student`` of run ``run_id`` in the store ``uri``; returns its URI, ``models:/<model_id>``, the
-    source to register (``register_student``).
+    source to register (``registry.register_student``).
 
     example_texts: 2-3 inputs, the model's input example. step: the run's metrics at this step are linked to
     the model (the Models tab shows them); pass the final step, after logging the final metrics.
@@ -128,13 +128,20 @@ def log_student(
     pipe = pipeline(pipeline_task(task), model=model, tokenizer=AutoTokenizer.from_pretrained(str(folder)))
     # Created here rather than by log_model, which would file it under the process's active experiment (the
     # default one, "0"), not the run's.
+    made = uuid.uuid4().hex
     logged = c.create_logged_model(
         run.info.experiment_id,
         name=STUDENT,
         source_run_id=run_id,
         params=dict(run.data.params),
-        tags={"flexkd.task": task},
+        tags={"flexkd.task": task, tracking.CREATE_TAG: made},
     )
+    # A resent create (its answer lost) made a twin that would wait PENDING in the Models tab for ever.
+    for twin in c.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"tags.`{tracking.CREATE_TAG}` = '{made}'"
+    ):
+        if twin.model_id != logged.model_id:
+            c.delete_logged_model(twin.model_id)
     card = ModelCard(  # given, so that MLflow does not try the folder's path as a Hub repo for card and license
         f"---\nlibrary_name: transformers\ntags: [flexkd]\n---\n# flexkd student\n\nTask {task}, run {run_id}.\n"
     )
@@ -152,42 +159,6 @@ def log_student(
             model_card=card,
         )
     return info.model_uri
-
-
-def register_student(
-    uri: str, name: str, model_uri: str, tags: dict[str, str] | None = None, description: str | None = None
-):
-    """A new version of registered model ``name`` (created if missing) from ``log_student``'s
-    ``models:/<model_id>``, with ``tags`` and ``description``; returns the ``ModelVersion``.
-
-    The version's source is the logged model's URI, and it names the model's id and its run: the registry links
-    it to the run (the version's Source run), a tracking server accepts it (a ``models:/<id>`` source without
-    ``model_id`` it refuses: "Invalid model version source"), and the logged model's ``mlflow.modelVersions``
-    tag, from which the UI links the model to its versions, lists it (a server sets that tag itself; an embedded
-    store does not).
-    """
-    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
-
-    from . import tracking
-
-    c = tracking.client(uri)
-    model_id = model_uri.removeprefix("models:/")
-    logged = c.get_logged_model(model_id)
-    tracking.ensure_registered_model(uri, name)
-    with store_uri(uri):  # the SQLite registry looks a models:/<id> source up through the global store
-        mv = c.create_model_version(
-            name,
-            source=f"models:/{model_id}",
-            run_id=logged.source_run_id,
-            model_id=model_id,
-            tags=tags,
-            description=description,
-        )
-    listed = json.loads(c.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
-    if not any(e.get("name") == name and str(e.get("version")) == str(mv.version) for e in listed):
-        entry = {"name": name, "version": int(mv.version)}  # the server's own entries: the version an int
-        c.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*listed, entry])})
-    return mv
 
 
 # ---------------------------------------------------------------------------------------------------------

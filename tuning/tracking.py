@@ -1,4 +1,4 @@
-"""MLflow records of a sweep: the store, parent and child runs, per-step metrics, the registry.
+"""MLflow records of a sweep: the store, parent and child runs, per-step metrics.
 
 Store: ``MLFLOW_TRACKING_URI`` when set (a tracking server in production), else an embedded SQLite file at
 ``./flexkd-runs/mlflow.db`` (an absolute path; artifacts beside it in ``./flexkd-runs/mlartifacts``). The
@@ -8,8 +8,8 @@ schema from the driver alone (several processes creating it at once race).
 Layout, per sweep: one parent run (the sweep file, the space, seed, versions, git revision; at the end the
 leaderboard, ``best.yaml`` and Optuna's plots) and one child run per trial (every dotted config key as a
 param, per-step metrics, ``selection.json``, the resolved config, final metrics; FAILED with the error
-text, or KILLED and tagged ``flexkd.early_stopped`` when ASHA stopped it). The best students are registered
-models with the alias ``champion`` on the best.
+text, or KILLED and tagged ``flexkd.early_stopped`` when ASHA stopped it). The registered models, versions
+and aliases of the best students are ``tuning.registry``'s.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ NOTE_TAG = "mlflow.note.content"  # the run's Description in the UI
 STUDENT_URI_TAG = "flexkd.student_model"
 CREATE_TAG = "flexkd.create_id"  # one id per create_run call: its retries find the runs it already made
 STUDENT_ARTIFACT = "student"
-CHAMPION = "champion"
 
 
 class SweepRecordsError(Exception):
@@ -572,176 +571,3 @@ def should_log_student(
     mode = goals[0][1]
     better = [o[0] for o in others if (o[0] > values[0] if mode == "max" else o[0] < values[0])]
     return len(better) < top
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Registry
-
-
-def alias_for(text: str) -> str:
-    """An MLflow alias from a sweep's run name (letters, digits, '-' and '_'; 'latest' and 'vN' are reserved)."""
-    import re
-
-    return "sweep-" + re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")[:200]
-
-
-def better(a: float, b: float, mode: str) -> bool:
-    return a > b if mode == "max" else a < b
-
-
-def ensure_registered_model(uri: str, name: str, description: str | None = None) -> None:
-    """The registered model ``name``, made when absent; one that exists when the create arrives (made by a
-    sweep beside this one, or by this request's first copy whose answer was lost) is used."""
-    from mlflow.exceptions import MlflowException
-
-    c = client(uri)
-    try:
-        c.get_registered_model(name)
-        return
-    except MlflowException:
-        pass
-    try:
-        c.create_registered_model(name, description=description)
-    except MlflowException:
-        c.get_registered_model(name)  # raises the store's own error when it is still absent
-
-
-def register(
-    uri: str,
-    name: str,
-    best: list[dict],
-    metric: str,
-    mode: str,
-    sweep_run: str,
-    goals: list[tuple[str, str]] | None = None,
-) -> dict:
-    """Register the students of ``best`` (leaderboard rows, best first) as versions of ``name``.
-
-    ``goals`` (several objectives, (metric, mode) each, the first = ``metric``): ``best`` is the Pareto front
-    in order of the first objective; each version is tagged with every objective's value and
-    ``pareto_rank``, and the aliases ``pareto-1``, ``pareto-2`` ... point at the front in that order (the
-    latest multi-objective sweep registered under ``name``: aliases of a longer earlier front are removed).
-
-    - Versions are created worst first, so the newest version ("latest" in the UI) is the sweep's best.
-    - Each version carries its objective (``objective`` = the metric, the metric itself = the value), method,
-      sweep and trial as tags, and says so in its description.
-    - ``sweep-<sweep run name>`` points at this sweep's best, whatever it is worth.
-    - ``champion`` moves only to a student that beats the current champion on the same objective (and is
-      set when there is none, or when the current one was measured on another objective: then the note says so).
-    - A run registered before (``--resume`` of a finished sweep) is never registered again: its version is reused.
-    """
-    from mlflow.exceptions import MlflowException
-
-    from tuning.student_model import register_student
-
-    c = client(uri)
-    ensure_registered_model(
-        uri,
-        name,
-        "Students distilled by flexkd. Aliases: 'champion' = the best on its objective so far (moves "
-        "only when a sweep beats it); 'sweep-' + a sweep's run name = that sweep's best; 'pareto-<k>' = the "
-        "k-th member of the latest multi-objective sweep's Pareto front, in order of its first objective. "
-        "Version tags: objective, its value (every objective's with several), method, sweep, trial.",
-    )
-    existing = {v.run_id: v for v in c.search_model_versions(f"name='{name}'")}
-    numbers = {}
-    for rank, row in reversed(list(enumerate(best, 1))):
-        if row["run_id"] in existing:
-            numbers[row["run_id"]] = str(existing[row["run_id"]].version)
-            continue
-        run = c.get_run(row["run_id"])
-        value = row[metric]
-        tags = {
-            "objective": metric,
-            metric: f"{value:.6g}",
-            "mode": mode,
-            "method": row.get(METHOD_TAG, ""),
-            "sweep": sweep_run,
-            "trial": str(row.get("trial", "")),
-            "rank_in_sweep": str(rank),
-        }
-        if goals:
-            tags.update({m: f"{row[m]:.6g}" for m, _ in goals})
-            tags["objectives"] = ", ".join(f"{md} {m}" for m, md in goals)
-            tags["pareto_rank"] = str(rank)
-        mv = register_student(
-            uri,
-            name,
-            run.data.tags[STUDENT_URI_TAG],
-            tags=tags,
-            description=(
-                f"{row.get(METHOD_TAG, '')} student, {metric} {value:.4f} (rank {rank} of sweep {sweep_run}, "
-                f"trial {row.get('trial', '')})"
-            ),
-        )
-        numbers[row["run_id"]] = str(mv.version)
-    top = best[0]
-    version = numbers[top["run_id"]]
-    sweep_alias = alias_for(sweep_run)
-    c.set_registered_model_alias(name, sweep_alias, version)
-    try:
-        current = c.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        current = None
-    if current is None:
-        move, note = True, f"champion -> version {version} (the first)"
-    elif str(current.version) == version:
-        move, note = False, f"champion stays version {version} (this sweep's best, already champion)"
-    elif current.tags.get("objective") != metric or metric not in current.tags:
-        move, note = (
-            True,
-            (
-                f"champion -> version {version}; the previous champion (version {current.version}) was measured on "
-                f"{current.tags.get('objective', 'an unknown objective')}, not {metric}"
-            ),
-        )
-    elif better(top[metric], float(current.tags[metric]), mode):
-        move, note = (
-            True,
-            (
-                f"champion -> version {version} ({metric} {top[metric]:.4f} beats version {current.version}'s "
-                f"{float(current.tags[metric]):.4f})"
-            ),
-        )
-    else:
-        move, note = (
-            False,
-            (
-                f"champion stays version {current.version} ({metric} {float(current.tags[metric]):.4f}; this sweep's "
-                f"best, version {version}, has {top[metric]:.4f})"
-            ),
-        )
-    if move:
-        c.set_registered_model_alias(name, CHAMPION, version)
-    versions_ = [numbers[r["run_id"]] for r in best]
-    pareto_aliases = []
-    if goals:
-        for k, number in enumerate(versions_, 1):
-            c.set_registered_model_alias(name, f"pareto-{k}", number)
-            pareto_aliases.append(f"pareto-{k}")
-        stale = {a for v in c.search_model_versions(f"name='{name}'") for a in v.aliases}
-        for alias in sorted(stale):
-            if alias.startswith("pareto-") and alias not in pareto_aliases:
-                c.delete_registered_model_alias(name, alias)
-    return {
-        "name": name,
-        "versions": versions_,
-        "best": version,
-        "sweep_alias": sweep_alias,
-        "champion_moved": move,
-        "note": note,
-        "pareto_aliases": pareto_aliases,
-    }
-
-
-def load_registered(model_uri: str, uri: str | None = None):
-    """``models:/NAME@champion`` (or ``models:/NAME/3``, ``runs:/<run>/student``) -> (model, tokenizer), the
-    transformers objects of a registered student.
-
-    uri: the tracking store (default: the one the sweeps use, ``tracking_uri()``: run it from the folder the
-    sweep ran in, or set ``MLFLOW_TRACKING_URI``). MLflow itself would resolve ``models:/`` through its global
-    registry URI, which defaults to ``./mlflow.db``, not flexkd's store.
-    """
-    from tuning.student_model import load_student
-
-    return load_student(model_uri, uri or tracking_uri())
