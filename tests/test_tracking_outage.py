@@ -202,7 +202,8 @@ def test_what_a_lost_create_answer_made_is_made_once(disk, tmp_path):
         models = tracking.client(direct).search_logged_models(experiment_ids=[experiment])
         assert [m.model_id for m in models] == [model_uri.removeprefix("models:/")]  # no PENDING twin
         kept = tracking.client(direct).search_model_versions("name='lost-student'")
-        assert [(v.version, v.run_id, v.tags["a"]) for v in kept] == [(version.version, child, "1")]
+        assert [(v.version, v.run_id, v.tags) for v in kept] == [(version.version, child, {"a": "1"})]
+        assert tracking.CREATE_TAG not in models[0].tags and tracking.CREATE_TAG not in live[0].data.tags
         listed = json.loads(
             tracking.client(direct).get_logged_model(models[0].model_id).tags["mlflow.modelVersions"]
         )

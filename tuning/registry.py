@@ -84,6 +84,7 @@ def register_student(
     }
     for version in twins:
         c.delete_model_version(name, version)
+    c.delete_model_version_tag(name, mv.version, CREATE_TAG)  # the version's tags: what a user compares
     before = json.loads(c.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
     listed = [e for e in before if not (e.get("name") == name and str(e.get("version")) in twins)]
     if not any(e.get("name") == name and str(e.get("version")) == str(mv.version) for e in listed):

@@ -142,6 +142,7 @@ def log_student(
     ):
         if twin.model_id != logged.model_id:
             c.delete_logged_model(twin.model_id)
+    c.delete_logged_model_tag(logged.model_id, tracking.CREATE_TAG)
     card = ModelCard(  # given, so that MLflow does not try the folder's path as a Hub repo for card and license
         f"---\nlibrary_name: transformers\ntags: [flexkd]\n---\n# flexkd student\n\nTask {task}, run {run_id}.\n"
     )

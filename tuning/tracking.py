@@ -308,13 +308,14 @@ def create_run(uri: str, experiment_id: str, name: str, tags: dict):
     run, then went down or the connection dropped) is sent again, by MLflow's HTTP layer (it retries POSTs)
     and by :func:`retrying`, and each copy that reached the store is a run: a sweep would show a trial twice,
     one copy RUNNING for ever. Every copy carries this call's id; the run the call returned stays, the others
-    are deleted."""
+    are deleted (the id too, once they are)."""
     c = client(uri)
     made = uuid.uuid4().hex
     run = c.create_run(experiment_id, run_name=name, tags={**tags, CREATE_TAG: made})
     for twin in c.search_runs([experiment_id], filter_string=f"tags.`{CREATE_TAG}` = '{made}'"):
         if twin.info.run_id != run.info.run_id:
             c.delete_run(twin.info.run_id)
+    c.delete_tag(run.info.run_id, CREATE_TAG)  # its work done: not one more line in the run's tags
     return run
 
 
