@@ -29,14 +29,34 @@ METHODS = {
 STRATEGIES = ["gradient", "random", "variance", "first"]
 
 
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def cli(words: list[str], log: Path) -> float:
-    """Run `flexkd WORDS --quiet` in a subprocess, its output into ``log``; its wall seconds. Exits on failure."""
+    """Run `flexkd WORDS --quiet` in a subprocess, its output into ``log``; its wall seconds. Exits on failure.
+
+    A script stopped (SIGTERM, Ctrl-C) stops the run too: left running, it would finish beside the next
+    invocation's runs and both their timings would lie."""
+    import signal
     import subprocess
 
     cmd = [sys.executable, "-m", "tuning.cli", *words, "--quiet"]
     started = time.time()
     with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        previous = signal.signal(signal.SIGTERM, _stop)
+        try:
+            proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n  log: {log}")
     return time.time() - started
