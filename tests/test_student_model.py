@@ -103,8 +103,10 @@ def test_a_classifier_is_logged_registered_and_loaded_back(folders, store, monke
     uri, experiment = store
     c = tracking.client(uri)
     run_id = tracking.start_child(uri, experiment, "parent", "t0", "trial-0", {"optim.lr": 0.001})
+    c.log_metric(run_id, "val/accuracy", 0.5, step=10)
+    c.log_metric(run_id, "val/accuracy", 0.75, step=20)
 
-    model_uri = log_student(uri, run_id, folders["classification"], "classification", TEXTS)
+    model_uri = log_student(uri, run_id, folders["classification"], "classification", TEXTS, step=20)
 
     assert model_uri.startswith("models:/m-")
     assert c.get_run(run_id).info.status == "RUNNING"  # the caller ends it, not the logging
@@ -112,6 +114,8 @@ def test_a_classifier_is_logged_registered_and_loaded_back(folders, store, monke
     assert (logged.experiment_id, logged.source_run_id, logged.name) == (experiment, run_id, "student")
     assert logged.params["optim.lr"] == "0.001"  # the Models tab shows which trial it is
     assert [o.model_id for o in c.get_run(run_id).outputs.model_outputs] == [logged.model_id]
+    # The Models tab's metrics: the run's at the final step, not its history.
+    assert [(m.key, m.value, m.step) for m in logged.metrics] == [("val/accuracy", 0.75, 20)]
 
     mv = register_student(uri, "student-cls", model_uri, tags={"objective": "val/accuracy"})
     c.set_registered_model_alias("student-cls", registry.CHAMPION, mv.version)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from flexkd import artifacts
 from tuning import registry, tracking
-from tuning.student_model import log_student
 
 from .fixtures import mlflow_server
 from .test_cluster import free_ports, wait_for
@@ -126,7 +126,8 @@ LOST_CREATES = {"runs", "experiments", "registered-models", "model-versions", "l
 class _LosesFirstCreateAnswer(http.server.BaseHTTPRequestHandler):
     """Forwards every request to the real server; the first create of an experiment, a run, a registered
     model and a model version reaches the store, and then its connection drops before the answer: what a
-    server killed between storing and answering does."""
+    server killed between storing and answering does. The first artifact upload is answered 503, as by a
+    server going down mid-upload."""
 
     upstream = ""
     dropped: dict[str, str] = {}
@@ -158,6 +159,12 @@ class _LosesFirstCreateAnswer(http.server.BaseHTTPRequestHandler):
         kind = self.path.rsplit("/", 2)[-2] if self.path.endswith("/create") else ""
         if self.command == "POST" and self.path.endswith("/logged-models"):  # MLflow 3's create has no verb
             kind = "logged-models"
+        if self.command == "PUT" and "/mlflow-artifacts/" in self.path and "upload" not in self.dropped:
+            self.dropped["upload"] = self.path  # the first file of the student's upload: "not now"
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if kind in LOST_CREATES and kind not in self.dropped:
             self.dropped[kind] = answer.text
             self.close_connection = True
@@ -173,7 +180,8 @@ class _LosesFirstCreateAnswer(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_what_a_lost_create_answer_made_is_made_once(disk, tmp_path):
+def test_what_a_lost_create_answer_made_is_made_once(disk, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # every failure reaches flexkd's own retries
     store = tmp_path / "server"
     store.mkdir()
     port, proxy_port = free_ports(2)
@@ -189,18 +197,30 @@ def test_what_a_lost_create_answer_made_is_made_once(disk, tmp_path):
         child = tracking.start_child(uri, experiment, parent, "t0", "trial 0", {"optim.lr": 1e-3})
         registry.ensure_registered_model(uri, "lost-student")
         direct = f"http://127.0.0.1:{port}"
-        model_uri = log_student(uri, child, disk["student_cls"], "classification", ["a dull plot"])
+        trial = tmp_path / "trial"  # a finished trial's folder, as a sweep ends it
+        trial.mkdir()
+        (trial / artifacts.STUDENT).symlink_to(disk["student_cls"])
+        tracking.finish_child(
+            uri, child, trial, {"step": 0}, student="classification", examples=["a dull plot"]
+        )
+        model_uri = tracking.client(direct).get_run(child).data.tags[tracking.STUDENT_URI_TAG]
         version = registry.register_student(uri, "lost-student", model_uri, tags={"a": "1"})
         # The store did make an experiment, a run, a registered model, a logged model and a version whose
         # answers never came.
-        assert set(_LosesFirstCreateAnswer.dropped) == LOST_CREATES
+        assert set(_LosesFirstCreateAnswer.dropped) == LOST_CREATES | {"upload"}
         assert tracking.client(direct).get_experiment_by_name("lost-answer").experiment_id == experiment
         live = tracking.client(direct).search_runs([experiment])
         assert sorted(r.info.run_id for r in live) == sorted([parent, child])  # one parent, one child
         assert tracking.children(direct, parent, experiment)[0].data.params == {"optim.lr": "0.001"}
         assert [m.name for m in tracking.client(direct).search_registered_models()] == ["lost-student"]
         models = tracking.client(direct).search_logged_models(experiment_ids=[experiment])
-        assert [m.model_id for m in models] == [model_uri.removeprefix("models:/")]  # no PENDING twin
+        # No PENDING twin of the lost create, no FAILED copy of the cut upload: one model, READY, linked once.
+        assert [(m.model_id, m.status.name) for m in models] == [
+            (model_uri.removeprefix("models:/"), "READY")
+        ]
+        assert [o.model_id for o in tracking.client(direct).get_run(child).outputs.model_outputs] == [
+            models[0].model_id
+        ]
         kept = tracking.client(direct).search_model_versions("name='lost-student'")
         assert [(v.version, v.run_id, v.tags) for v in kept] == [(version.version, child, {"a": "1"})]
         assert tracking.CREATE_TAG not in models[0].tags and tracking.CREATE_TAG not in live[0].data.tags

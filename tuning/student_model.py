@@ -26,6 +26,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 STUDENT = "student"  # the logged model's name (tracking.STUDENT_ARTIFACT)
@@ -112,6 +113,7 @@ def log_student(
     import mlflow
     import pandas as pd
     from huggingface_hub import ModelCard
+    from mlflow.entities import LoggedModelOutput, Metric
 
     # "Failed to resolve installed pip version" per logged model (a uv-made venv has no pip): not the user's
     # business, the requirements are pinned below.
@@ -146,19 +148,36 @@ def log_student(
     card = ModelCard(  # given, so that MLflow does not try the folder's path as a Hub repo for card and license
         f"---\nlibrary_name: transformers\ntags: [flexkd]\n---\n# flexkd student\n\nTask {task}, run {run_id}.\n"
     )
-    with store_uri(uri):  # log_model writes through the global store: files, outputs, status READY
-        info = mlflow.transformers.log_model(
-            pipe,
-            name=STUDENT,
-            run_id=run_id,
-            model_id=logged.model_id,
-            step=step,
-            task=pipeline_task(task),
-            signature=signature(task),
-            input_example=pd.DataFrame({"text": list(example_texts)}) if example_texts else None,
-            pip_requirements=pip_requirements(),
-            model_card=card,
-        )
+
+    def upload():
+        # No run_id: log_model would link the run to the model (its outputs, its metrics at `step`) on every
+        # try, and a try cut mid-upload would leave the run listing the model twice; linked once below. In a
+        # thread of its own, where no fluent run is active, since log_model falls back to the caller's.
+        with store_uri(uri), ThreadPoolExecutor(1) as pool:  # log_model writes through the global store
+            return pool.submit(
+                mlflow.transformers.log_model,
+                pipe,
+                name=STUDENT,
+                model_id=logged.model_id,
+                task=pipeline_task(task),
+                signature=signature(task),
+                input_example=pd.DataFrame({"text": list(example_texts)}) if example_texts else None,
+                pip_requirements=pip_requirements(),
+                model_card=card,
+            ).result()
+
+    # An upload cut by an outage is tried again into the same logged model (log_model marks it FAILED, then
+    # READY once a try goes through), so no FAILED or PENDING copy is left in the Models tab.
+    info = tracking.retrying(upload, "uploading the student model", uri)
+    c.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
+    linked = [
+        Metric(m.key, m.value, m.timestamp, m.step, logged.model_id, m.dataset_name, m.dataset_digest, run_id)
+        for key in c.get_run(run_id).data.metrics
+        for m in c.get_metric_history(run_id, key)
+        if m.step == step and m.model_id is None
+    ]
+    if linked:  # the run's metrics at `step` are the model's in the Models tab
+        c.log_batch(run_id, metrics=linked)
     return info.model_uri
 
 

@@ -112,6 +112,13 @@ def transient(err: BaseException) -> bool:
 
     if isinstance(err, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
         return True
+    if getattr(getattr(err, "response", None), "status_code", None) in (
+        429,
+        502,
+        503,
+        504,
+    ):  # artifact uploads
+        return True
     text = str(err)
     return any(
         mark in text
@@ -411,17 +418,14 @@ def finish_child(
     if student:
         from tuning.student_model import log_student
 
-        model_uri = retrying(
-            lambda: log_student(
-                uri,
-                run_id,
-                Path(folder, artifacts.STUDENT),
-                student,
-                list(examples),
-                step=int(metrics.get("step", 0)),
-            ),
-            "logging the student model",
+        # Each of its store calls rides out an outage, and its upload is retried into the one logged model.
+        model_uri = log_student(
             uri,
+            run_id,
+            Path(folder, artifacts.STUDENT),
+            student,
+            list(examples),
+            step=int(metrics.get("step", 0)),
         )
         tags.update({"flexkd.student_logged": "true", STUDENT_URI_TAG: model_uri})
     set_tags(uri, run_id, tags)
