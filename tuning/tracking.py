@@ -105,6 +105,9 @@ def client(uri: str, wait: bool = True):
     return _Waiting(raw, uri) if wait else raw
 
 
+BUSY = (429, 502, 503, 504)  # HTTP answers that mean "not now"
+
+
 def transient(err: BaseException) -> bool:
     """Whether an error from the tracking store means "not now" (the server is down, restarting, overloaded,
     or an SQLite file is locked) rather than "never" (a bad request, a missing run, no permission)."""
@@ -112,12 +115,7 @@ def transient(err: BaseException) -> bool:
 
     if isinstance(err, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
         return True
-    if getattr(getattr(err, "response", None), "status_code", None) in (
-        429,
-        502,
-        503,
-        504,
-    ):  # artifact uploads
+    if getattr(getattr(err, "response", None), "status_code", None) in BUSY:  # an artifact upload's answer
         return True
     text = str(err)
     return any(
