@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -48,6 +49,27 @@ def pearson_per_unit(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     s = s.double() - s.double().mean(0)
     t = t.double() - t.double().mean(0)
     return (s * t).sum(0) / (s.norm(dim=0) * t.norm(dim=0)).clamp_min(1e-12)
+
+
+def _lr(folder: Path) -> str:
+    return folder.name.split("-lr")[1].split("-s")[0]
+
+
+def chosen_run(runs: Path, flex: list[Path], metric: str) -> Path:
+    """The seed-0 Flex-KD + KD run at the lr the sweep chose, the one the cell's table reports: science.py runs
+    the later seeds and the selection ablation only at that lr; before they exist, the best validation score
+    (ties to the smaller lr, as the sweep breaks them on its ascending grid)."""
+    later = {_lr(p) for p in runs.glob("Flex-KD_KD-lr*-s[1-9]*")}
+    later |= {_lr(p) for p in runs.glob("Flex-KD_KD-random-*-s0")}
+    picked = [p for p in flex if _lr(p) in later]
+    if picked:
+        return picked[0]
+    scored = [
+        (p, json.loads((p / "metrics.json").read_text())) for p in flex if (p / "metrics.json").exists()
+    ]
+    if not scored:
+        return flex[0]
+    return max(scored, key=lambda pm: (pm[1].get(f"val/{metric}", -math.inf), -float(_lr(pm[0]))))[0]
 
 
 def main(argv=None) -> int:
@@ -76,9 +98,7 @@ def main(argv=None) -> int:
         sys.exit(
             f"{runs}: no finished Flex-KD + KD run on seed 0 yet (run benchmarks/science.py --cells {args.cell})"
         )
-    # The lr the sweep chose is the one the ablation ran at.
-    ablated = {p.name.split("-lr")[1].split("-s")[0] for p in runs.glob("Flex-KD_KD-random-*-s0")}
-    run = next((p for p in flex if p.name.split("-lr")[1].split("-s")[0] in ablated), flex[0])
+    run = chosen_run(runs, flex, metric)
     lr = run.name.split("-lr")[1].split("-s")[0]
     cfg = load_config(str(run / "config.yaml"), ["signals.mode=live"])
     bench = open_workbench(cfg, need_teacher=True)
