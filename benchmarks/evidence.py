@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             f"{runs}: no finished Flex-KD + KD run on seed 0 yet (run benchmarks/science.py --cells {args.cell})"
         )
     run = chosen_run(runs, flex, metric)
-    lr = run.name.split("-lr")[1].split("-s")[0]
+    lr = _lr(run)
     cfg = load_config(str(run / "config.yaml"), ["signals.mode=live"])
     bench = open_workbench(cfg, need_teacher=True)
     teacher = bench.teacher.eval()
