@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -476,29 +477,40 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
         client(uri).log_batch(run_id, metrics=items)
 
 
+def dataset_source(entry: dict):
+    """MLflow's public source object for one split of ``describe_splits``: the demo generator (code), a Hub
+    dataset (hugging_face), or whatever MLflow's source registry resolves a path or URI to (a local file or
+    folder, s3://, gs://, https://...)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+    where = str(entry["source"])
+    kind = entry.get("kind") or ("demo" if where.startswith("demo") else "local")
+    if kind == "demo":
+        return CodeDatasetSource(tags={"generator": "flexkd.demo", "source": where})
+    if kind == "hub":
+        return HuggingFaceDatasetSource(path=where, config_name=entry.get("subset") or None)
+    if "://" not in where:
+        where = str(Path(where).resolve())
+    with warnings.catch_warnings():
+        # MLflow registers its local source for two schemes ('' and file) and warns that both match a path.
+        warnings.simplefilter("ignore", UserWarning)
+        return resolve_dataset_source(where)
+
+
 def log_datasets(uri: str, run_id: str, datasets: list[dict]) -> None:
     """The run's splits in MLflow's Datasets tab: name, where they came from, rows and a content digest.
 
-    ``datasets``: [{"context": "train" | "validation" | "test", "name", "source", "rows", "digest"}], from
-    the loop's ``datasets`` event.
+    ``datasets``: [{"context": "train" | "validation" | "test", "name", "kind", "source", "rows", "digest"}],
+    from the loop's ``datasets`` event (``flexkd.data.describe_splits``).
     """
-    from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
     inputs = []
     for d in datasets:
-        where = str(d["source"])
-        if where.startswith("demo"):
-            source = CodeDatasetSource(tags={"generator": "flexkd.demo", "source": where})
-        elif "://" in where:
-            source = HTTPDatasetSource(where)
-        else:
-            from mlflow.data.filesystem_dataset_source import LocalArtifactDatasetSource
-
-            source = LocalArtifactDatasetSource(str(Path(where).resolve()) if Path(where).exists() else where)
-        dataset = MetaDataset(source, name=d["name"], digest=d["digest"][:36])
+        dataset = MetaDataset(dataset_source(d), name=d["name"], digest=d["digest"][:36])
         tags = [InputTag("mlflow.data.context", d["context"]), InputTag("flexkd.rows", str(d["rows"]))]
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=tags))
     if inputs:
