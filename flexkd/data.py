@@ -429,8 +429,9 @@ def load_task_data(cfg: Data) -> TaskData:
 
 def describe_splits(cfg: Data, splits: dict[str, list[dict]]) -> list[dict]:
     """What a run trained and evaluated on, for the records: per split its name, kind (demo, local or hub),
-    source (the file it was read from, for a local source; the Hub name and subset for a Hub one), origin (``split_origins``: its own file, or carved out of train), rows
-    and a digest of its content (two runs with the same digest saw the same rows). ``splits``: context -> rows."""
+    source (the file it was read from, for a local source; the Hub name, with ``subset``, for a Hub one),
+    origin (``split_origins``: its own file, or carved out of train), rows and a digest of its content (two
+    runs with the same digest saw the same rows). ``splits``: context -> rows."""
     base = Path(cfg.source).name if not _is_demo(cfg.source) else cfg.source
     files = local_files(cfg.source) if not _is_demo(cfg.source) and Path(cfg.source).exists() else {}
     keys = files or [k for k in (cfg.train_split, cfg.val_split, cfg.test_split) if k]
