@@ -116,8 +116,7 @@ def _step_setup(pair: str, batch_size: int, seq_len: int, folder: Path, mode: st
         sig.write_manifest(store, "bench", {}, spec, [sig.shard_record(0, data, tensors)], {})
     reader = None
     if mode != "live":
-        reader = sig.SignalReader(str(folder / "bench"))
-        reader.load_all()
+        reader = sig.SignalReader(str(folder / "bench"))  # memory-mapped: the first gather maps the shard
     d_s = student.config.hidden_size
     units = [torch.arange(d_s)]
     return cfg, layers, units, student, batch, reader, lengths, teacher

@@ -86,6 +86,12 @@ class Data:
     """Carve held-out splits by model input: rows that ask the same question (text, instruction + input, or
     document) go to one split together, so no carved-out row repeats a training row's input (a carved split may
     end a few rows over its size). For corpora that repeat their questions, such as ChatterBot's Q/A."""
+    cache_dir: str = ""
+    """Folder of the tokenised training table (Arrow, memory-mapped, one file per data + tokenizer fingerprint,
+    shared by every run, worker and trial that reads it); empty: $FLEXKD_DATA_CACHE if set, else
+    <scaling.storage_path>/data-cache when that is a local or shared folder, else ./flexkd-runs/data-cache."""
+    num_proc: int = 0
+    """Processes that tokenise the training rows (datasets.map); 0: one below 50,000 rows, else up to 8 (the CPUs)."""
 
 
 @dataclass
@@ -258,6 +264,10 @@ class Signals:
     """Examples per shard file (the unit of parallel writing and of resuming an interrupted build)."""
     actors: int = 0
     """Teacher copies of the Ray Data build; 0: one per GPU with scaling.use_gpu, else one per 2 CPUs of the cluster."""
+    local_cache_gb: float = 20.0
+    """Shards of an s3://, gs:// cache are fetched to local disk, at most this many GB per cache and node (least recently used evicted first); must hold the shards of one micro-batch per process of the node."""
+    local_cache_dir: str = ""
+    """Folder of those fetched shards, one subfolder per cache key, shared by a node's processes; empty: <system temp dir>/flexkd-signals."""
 
 
 @dataclass
@@ -381,6 +391,7 @@ def validate(cfg: Config) -> None:
         _at_least(f"data.{key}", getattr(cfg.data, key), 0)
     _at_least("data.max_length", cfg.data.max_length, 8)
     _at_least("data.max_response_length", cfg.data.max_response_length, 1)
+    _at_least("data.num_proc", cfg.data.num_proc, 0)
     # A response takes max_response_length tokens plus its EOS; the prompt needs at least one more.
     if cfg.data.task != "classification" and cfg.data.max_response_length >= cfg.data.max_length - 1:
         raise ConfigError(
@@ -492,6 +503,7 @@ def validate(cfg: Config) -> None:
         _at_least(f"signals.{key}", getattr(cfg.signals, key), 1)
     _at_least("signals.actors", cfg.signals.actors, 0)
     _positive("signals.max_gb", cfg.signals.max_gb)
+    _positive("signals.local_cache_gb", cfg.signals.local_cache_gb)
     if (
         cfg.scaling.storage_path
         and "://" not in cfg.scaling.storage_path
@@ -590,6 +602,13 @@ def resolve_paths(cfg: Config) -> None:
         storage = cfg.scaling.storage_path.rstrip("/")
         cfg.signals.path = f"{storage}/signals" if storage else "./flexkd-runs/signals"
     cfg.signals.path = absolute(cfg.signals.path) if "://" not in cfg.signals.path else cfg.signals.path
+    if not cfg.data.cache_dir and os.environ.get("FLEXKD_DATA_CACHE"):
+        cfg.data.cache_dir = os.environ["FLEXKD_DATA_CACHE"]
+    if not cfg.data.cache_dir:
+        storage = cfg.scaling.storage_path.rstrip("/")
+        local = storage and "://" not in storage
+        cfg.data.cache_dir = f"{storage}/data-cache" if local else "./flexkd-runs/data-cache"
+    cfg.data.cache_dir = absolute(cfg.data.cache_dir)
     if cfg.data.source != "demo" and not cfg.data.source.startswith("demo:"):
         cfg.data.source = absolute(cfg.data.source)
 

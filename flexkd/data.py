@@ -1,7 +1,10 @@
 """Task data: loading (demo, local files, Hub), column maps, prompt templates, loss masks, splits, batches.
 
-Rows are plain dicts in the task's own field names (``text``/``label``, ``instruction``/``input``/``response``,
-``document``/``summary``); the column map of the config renames dataset columns into them. Encoded examples
+Rows are in the task's own field names (``text``/``label``, ``instruction``/``input``/``response``,
+``document``/``summary``); the column map of the config renames dataset columns into them. The training split
+is a Hugging Face ``datasets.Dataset``: an Arrow table memory-mapped from the cache ``load_dataset`` writes, so
+a process holds the rows it reads, not the corpus (``flexkd.encoded`` tokenises it once, the same way). The
+held-out splits, which evaluation reads whole, are lists of dicts. Encoded examples
 carry, per position, the label the *output at that position* must predict (already shifted for causal LMs),
 so the loss mask is simply ``labels != -100`` and a classification label is one per example.
 """
@@ -108,35 +111,45 @@ def peek_columns(path: Path) -> tuple[list[str], int]:
     return list(meta.schema_arrow.names), meta.metadata.num_rows
 
 
-def column_values(path: Path, column: str) -> list[tuple[str, object]]:
-    """(where, value) of one column in every row of a local file; ``where`` is ``file:line`` for JSON lines
-    and CSV, ``file [record i]`` for JSON and parquet. A row without the column has the value None."""
+def column_values(path: Path, column: str):
+    """(where, value) of one column in every row of a local file, one row at a time; ``where`` is
+    ``file:line`` for JSON lines and CSV, ``file [record i]`` for JSON and parquet. A row without the column
+    has the value None."""
     if path.suffix == ".jsonl":
-        return [(f"{path}:{n}", r.get(column)) for n, r in jsonl_records(path)]
+        for n, r in jsonl_records(path):
+            yield f"{path}:{n}", r.get(column)
+        return
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             # Line numbers assume one line per row (a quoted newline in a field shifts them).
-            return [(f"{path}:{i}", r.get(column)) for i, r in enumerate(csv.DictReader(f), 2)]
+            for i, r in enumerate(csv.DictReader(f), 2):
+                yield f"{path}:{i}", r.get(column)
+        return
     if path.suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8") or "[]")
         if isinstance(data, dict) and len(data) == 1:
             data = next(iter(data.values()))
-        return [
-            (f"{path} [record {i}]", r.get(column) if isinstance(r, dict) else None)
-            for i, r in enumerate(data)
-        ]
+        for i, r in enumerate(data):
+            yield f"{path} [record {i}]", r.get(column) if isinstance(r, dict) else None
+        return
     import pyarrow.parquet as pq
 
-    values = pq.read_table(path, columns=[column]).column(column).to_pylist()
-    return [(f"{path} [row {i}]", v) for i, v in enumerate(values)]
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(columns=[column], batch_size=65_536):
+        for v in batch.column(0).to_pylist():
+            yield f"{path} [row {row}]", v
+            row += 1
 
 
-def check_labels(labels: dict[str, list[tuple[str, object]]], key: str = "data.columns.label") -> list[str]:
-    """Split -> (where, label) of every row: every row has a label; labels are all integers >= 0 or all
-    strings; the labels of validation and test occur in train. Returns the label names (as training will)."""
+def check_labels(labels: dict, key: str = "data.columns.label") -> list[str]:
+    """Split -> (where, label) of every row (any iterable: the rows are read once, one at a time, keeping
+    only the distinct labels): every row has a label; labels are all integers >= 0 or all strings; the
+    labels of validation and test occur in train. Returns the label names (as training will)."""
     kinds: dict[type, str] = {}
-    for rows in labels.values():
-        for where, value in rows:
+    train: set = set()
+    train_names: set[str] = set()
+    for split in sorted(labels, key=lambda s: s != "train"):  # train first: the others are checked against it
+        for where, value in labels[split]:
             if value is None:
                 raise ConfigError(f"{key}: {where}: the row has no label")
             if isinstance(value, float) and value.is_integer():
@@ -151,50 +164,65 @@ def check_labels(labels: dict[str, list[tuple[str, object]]], key: str = "data.c
                 kinds.setdefault(str, where)
             else:
                 raise ConfigError(f"{key}: {where}: label {value!r} is neither an integer nor a name")
-    if len(kinds) > 1:
-        raise ConfigError(
-            f"{key}: labels mix integers ({kinds[int]}) and names ({kinds[str]}); use one kind throughout"
-        )
-    train = {str(v) for _, v in labels.get("train", [])}
-    for split, rows in labels.items():
-        for where, value in rows if split != "train" else ():
-            if str(value) not in train:
+            if len(kinds) > 1:
+                raise ConfigError(
+                    f"{key}: labels mix integers ({kinds[int]}) and names ({kinds[str]}); use one kind throughout"
+                )
+            if split == "train":
+                train.add(value)
+                train_names.add(str(value))
+            elif str(value) not in train_names:
                 raise ConfigError(
                     f"{key}: {where}: label {value!r} of the {split} split does not occur in train "
-                    f"(train labels: {', '.join(sorted(train))})"
+                    f"(train labels: {', '.join(sorted(train_names))})"
                 )
-    return _label_names([{"label": v} for _, v in labels.get("train", [])])
+    return _label_names([{"label": v} for v in train])
 
 
-def _load_local(path: Path) -> list[dict]:
+def _hf_cache(cfg: Data) -> str | None:
+    """Where ``load_dataset`` keeps its Arrow files: beside the run's storage (data.cache_dir), else its default."""
+    return str(Path(cfg.cache_dir) / "hf") if cfg.cache_dir else None
+
+
+def _quiet_datasets() -> None:
+    import datasets
+
+    datasets.disable_progress_bars()  # the run logs its own line for the one long step (tokenising)
+    datasets.logging.set_verbosity_error()
+
+
+def _load_local(path: Path, cfg: Data):
     from datasets import load_dataset
 
+    _quiet_datasets()
     kind = FILE_TYPES[path.suffix]
     try:
-        ds = load_dataset(kind, data_files=str(path), split="train")
+        return load_dataset(kind, data_files=str(path), split="train", cache_dir=_hf_cache(cfg))
     except Exception as err:  # the datasets library raises many types; the file is what the user needs
         raise ConfigError(f"data.source: {path}: cannot be read ({str(err).splitlines()[0]})") from None
-    return ds.to_list()
 
 
-def _load_hub(cfg: Data) -> dict[str, list[dict]]:
+def _load_hub(cfg: Data) -> dict:
     from datasets import load_dataset
 
+    _quiet_datasets()
     try:
-        ds = load_dataset(cfg.source, cfg.subset or None)
+        ds = load_dataset(cfg.source, cfg.subset or None, cache_dir=_hf_cache(cfg))
     except Exception as err:  # the datasets library raises many types; one line is what the user needs
         raise ConfigError(f"data.source: could not load {cfg.source!r}: {str(err).splitlines()[0]}") from None
-    return {name: split.to_list() for name, split in ds.items()}
+    return dict(ds.items())
 
 
-def load_raw_splits(cfg: Data) -> dict[str, list[dict]]:
-    """Split name -> raw rows, before the column map."""
+def load_raw_splits(cfg: Data) -> dict:
+    """Split name -> raw rows (a ``datasets.Dataset``, memory-mapped for files and the Hub), before the column map."""
     if _is_demo(cfg.source):
-        return {split: demo.make_split(split, cfg.task) for split in demo.SIZES}
+        from datasets import Dataset
+
+        return {split: Dataset.from_list(demo.make_split(split, cfg.task)) for split in demo.SIZES}
     from flexkd.config import is_local_path
 
     if is_local_path(cfg.source):
-        return {split: _load_local(path) for split, path in local_files(cfg.source).items()}
+        return {split: _load_local(path, cfg) for split, path in local_files(cfg.source).items()}
     return _load_hub(cfg)
 
 
@@ -213,12 +241,56 @@ def check_columns(names: list[str], cfg: Data, where: str) -> None:
             )
 
 
-def _rename(rows: list[dict], cfg: Data, where: str) -> list[dict]:
-    if not rows:
+def _rename(rows, cfg: Data, where: str):
+    """A split (``datasets.Dataset``) in the task's field names: the mapped columns only, renamed; an optional
+    field the dataset lacks (``input``) is a column of None."""
+    if len(rows) == 0:
         return rows
-    check_columns(list(rows[0]), cfg, where)
+    check_columns(rows.column_names, cfg, where)
     cols = column_map(cfg)
-    return [{f: row.get(c) for f, c in cols.items()} for row in rows]
+    present = {f: c for f, c in cols.items() if c in rows.column_names}
+    if len(set(present.values())) < len(present):  # two fields read one column: copy it, row by row
+        return rows.map(lambda r: {f: r[c] for f, c in present.items()}, remove_columns=rows.column_names)
+    out = rows.select_columns(list(present.values()))
+    renames = {c: f for f, c in present.items() if c != f}
+    if renames:
+        out = out.rename_columns(renames)
+    for f in cols:
+        if f not in present:
+            out = out.add_column(f, [None] * len(out))
+    return out
+
+
+def rows_of(rows, n: int | None = None) -> list[dict]:
+    """The first ``n`` rows (all: None) of a split, as dicts; a ``datasets.Dataset`` is read for those rows only."""
+    if isinstance(rows, list):
+        return rows[:n]
+    n = len(rows) if n is None else min(n, len(rows))
+    return rows.select(range(n)).to_list()
+
+
+def rows_digest(rows) -> str:
+    """sha256 of the rows as one JSON list (keys sorted): a list is dumped whole, a ``datasets.Dataset`` a batch
+    at a time to the same bytes, so a table and the list of its rows have one digest."""
+    if isinstance(rows, list):
+        return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+    key = getattr(rows, "_fingerprint", None)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    h = hashlib.sha256(b"[")
+    first = True
+    for batch in rows.iter(batch_size=4096):
+        names = list(batch)
+        for values in zip(*(batch[n] for n in names)):
+            text = json.dumps(dict(zip(names, values)), sort_keys=True, default=str)
+            h.update((text if first else ", " + text).encode())
+            first = False
+    h.update(b"]")
+    _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+_DIGESTS: dict[str, str] = {}  # Dataset fingerprint -> rows_digest: a run digests its train split once
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,9 +299,12 @@ def _rename(rows: list[dict], cfg: Data, where: str) -> list[dict]:
 
 @dataclass
 class TaskData:
-    """The rows of one run, in task field names, cut deterministically (``data.split_seed``)."""
+    """The rows of one run, in task field names, cut deterministically (``data.split_seed``).
 
-    train: list[dict]
+    train: a ``datasets.Dataset`` (memory-mapped; ``len``, ``[i]`` and ``select`` read it by index; tests may
+    pass a list of dicts); val, test: lists of dicts (evaluation reads them whole)."""
+
+    train: object
     val: list[dict]
     test: list[dict]
     label_names: list[str] = field(default_factory=list)
@@ -240,7 +315,9 @@ class TaskData:
         """The first ``num_examples`` of a seeded permutation of the train split (the spec's scoring set)."""
         order = list(range(len(self.train)))
         random.Random(seed + 1).shuffle(order)
-        return [self.train[i] for i in order[:num_examples]]
+        if isinstance(self.train, list):
+            return [self.train[i] for i in order[:num_examples]]
+        return self.train.select(order[:num_examples]).to_list()
 
 
 def _find_key(keys, name: str) -> str | None:
@@ -257,7 +334,7 @@ def _find_key(keys, name: str) -> str | None:
     return None
 
 
-def _find_split(raw: dict[str, list[dict]], name: str) -> list[dict] | None:
+def _find_split(raw: dict, name: str):
     key = _find_key(raw, name)
     return raw[key] if key is not None else None
 
@@ -357,28 +434,32 @@ def origin_line(origins: dict[str, str]) -> str:
     return "data: " + ", ".join(f"{split} <- {text}" for split, text in origins.items())
 
 
-def split_task_data(raw: dict[str, list[dict]], cfg: Data) -> TaskData:
+def split_task_data(raw: dict, cfg: Data) -> TaskData:
+    """Cut the run's splits out of ``raw`` (split name -> ``datasets.Dataset``). The train split stays a table
+    (a selection of the source's rows, by index); validation and test become lists of dicts."""
     source = cfg.source
     train = _find_split(raw, cfg.train_split)
     if train is None:
         raise ConfigError(
             f"data.train_split: {source} has no split {cfg.train_split!r}; it has {', '.join(raw)}"
         )
-    if not train:
+    if len(train) == 0:
         raise ConfigError(f"data.source: {source}: the {cfg.train_split!r} split is empty")
     train_total = len(train)
     train = _rename(train, cfg, f"{source} [{cfg.train_split}]")
-    order = list(range(len(train)))
+    n = len(train)
+    order = list(range(n))
     random.Random(cfg.split_seed).shuffle(order)
     # The units a held-out split is carved in: single rows, or with data.split_by_input every row that asks
     # one question (its model input), so that no carved-out row repeats a training row's input.
-    units: list[list[int]] = [[i] for i in order]
+    units: list[list[int]] | None = None
     if cfg.split_by_input:
+        keys = input_keys(train, cfg.task)
         groups: dict[tuple, list[int]] = {}
         for i in order:
-            groups.setdefault(model_input_key(train[i], cfg.task), []).append(i)
+            groups.setdefault(keys[i], []).append(i)
         units = list(groups.values())
-    taken = 0  # units
+    taken = 0  # units (rows when there are no groups)
     held: set[int] = set()
     sources = held_out_sources(cfg, raw)
 
@@ -389,29 +470,52 @@ def split_task_data(raw: dict[str, list[dict]], cfg: Data) -> TaskData:
             rows = _find_split(raw, split_name)
             if rows is None:
                 raise ConfigError(f"{key}: {source} has no split {split_name!r}; it has {', '.join(raw)}")
-            return _rename(rows, cfg, f"{source} [{split_name}]")
-        picked: list[int] = []
-        while len(picked) < size and taken < len(units):
-            picked += units[taken]  # whole groups: the split may end a few rows over its size
-            taken += 1
+            return rows_of(_rename(rows, cfg, f"{source} [{split_name}]"))
+        if units is None:
+            picked = order[taken : taken + size]
+            taken += len(picked)
+        else:
+            picked = []
+            while len(picked) < size and taken < len(units):
+                picked += units[taken]  # whole groups: the split may end a few rows over its size
+                taken += 1
         held.update(picked)
-        return [train[i] for i in picked]
+        return train.select(picked).to_list() if picked else []
 
     val = carve("validation", cfg.val_size, "data.val_split")
     test = carve("test", cfg.test_size, "data.test_split")
-    rest = [train[i] for i in range(len(train)) if i not in held]
-    if cfg.max_train_examples:
-        rest = rest[: cfg.max_train_examples]
+    keep = cfg.max_train_examples or n
+    rest = range(min(n, keep)) if not held else [i for i in range(n) if i not in held][:keep]
     if not rest:
         raise ConfigError(
-            f"data.val_size: holding out {len(held)} examples leaves no training data in {source} ({len(train)} rows)"
+            f"data.val_size: holding out {len(held)} examples leaves no training data in {source} ({n} rows)"
         )
+    # A range stays a slice of the mapped table; a list becomes an index column. The fingerprint (the tokenised
+    # table's key) names the cut by what decides it, rather than datasets hashing every index.
+    cut = [train._fingerprint, cfg.split_seed, cfg.split_by_input, sources, cfg.val_size, cfg.test_size, keep]
+    rest_rows = train.select(rest, new_fingerprint=hashlib.sha256(json.dumps(cut).encode()).hexdigest()[:16])
     label_names: list[str] = []
     if cfg.task == "classification":
-        label_names = _label_names(rest + val + test)
+        # Without a cap the training rows and the carved ones are the whole split: read its column in Arrow.
+        labels = train.unique("label") if len(rest) + len(held) == n else rest_rows["label"]
+        label_names = _label_names([{"label": v} for v in {*labels, *(r["label"] for r in val + test)}])
     rows = {"train": len(rest), "validation": len(val), "test": len(test)}
     origins = split_origins(cfg, split_names(cfg, raw), rows, train_total)
-    return TaskData(train=rest, val=val, test=test, label_names=label_names, origins=origins)
+    return TaskData(train=rest_rows, val=val, test=test, label_names=label_names, origins=origins)
+
+
+def input_keys(rows, task: str) -> list[tuple]:
+    """``model_input_key`` of every row of a table, read column by column (Arrow to Python in bulk)."""
+    target = "label" if task == "classification" else TARGET_FIELD[task]
+    names = [name for name in TASK_COLUMNS[task] if name != target]
+    if isinstance(rows, list):
+        return [model_input_key(r, task) for r in rows]
+    out = []
+    for start in range(0, len(rows), 50_000):
+        part = rows.with_format("arrow")[start : start + 50_000]
+        columns = [part.column(name).to_pylist() for name in names]
+        out += [tuple(str(v) for v in values) for values in zip(*columns)]
+    return out
 
 
 def _label_names(rows: list[dict]) -> list[str]:
@@ -440,9 +544,9 @@ def describe_splits(cfg: Data, splits: dict[str, list[dict]]) -> list[dict]:
     origins = split_origins(cfg, split_names(cfg, keys), counts, None)
     out = []
     for context, rows in splits.items():
-        if not rows:
+        if not len(rows):
             continue
-        digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+        digest = rows_digest(rows)
         split = _find_key(files, sources.get(context) or cfg.train_split) if files else None
         out.append(
             {
@@ -461,9 +565,10 @@ def describe_splits(cfg: Data, splits: dict[str, list[dict]]) -> list[dict]:
 
 def model_inputs(cfg: Data, rows: list[dict], tokenizer, n: int = 2) -> list[str]:
     """The text a served student takes for ``rows``: the input text (classification) or the rendered prompt."""
+    rows = rows_of(rows, n)
     if cfg.task == "classification":
-        return [str(r["text"]) for r in rows[:n]]
-    return [render_prompt(cfg, r, tokenizer) for r in rows[:n]]
+        return [str(r["text"]) for r in rows]
+    return [render_prompt(cfg, r, tokenizer) for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -554,8 +659,47 @@ def unseen_rows(rows: list[dict], train: list[dict], task: str) -> list[dict]:
     """The rows whose model input never occurs in ``train``: held out in fact, not only by index. A corpus
     with repeated questions (ChatterBot has many) puts copies of training rows in a carved-out test split,
     and a metric over those measures memorisation."""
-    seen = {model_input_key(r, task) for r in train}
+    if not rows:
+        return []
+    asked = {model_input_key(r, task) for r in rows}
+    if isinstance(train, list):
+        seen = {model_input_key(r, task) for r in train} & asked
+    else:
+        seen = _seen_in_table(train, asked, task)
+        if seen is None:  # not all string columns: a batch of keys at a time, in Python
+            seen, step = set(), 50_000
+            for start in range(0, len(train), step):
+                part = train.select(range(start, min(start + step, len(train))))
+                seen.update(k for k in input_keys(part, task) if k in asked)
     return [r for r in rows if model_input_key(r, task) not in seen]
+
+
+def _seen_in_table(train, asked: set[tuple], task: str) -> set[tuple] | None:
+    """The keys of ``asked`` that rows of the table ``train`` have, found by Arrow compute over its columns
+    (``is_in`` on the whole column, then the rows of the selection): no Python object per training row.
+    None when an input column is not text (the caller compares ``str`` of its values in Python)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    target = "label" if task == "classification" else TARGET_FIELD[task]
+    names = [name for name in TASK_COLUMNS[task] if name != target]
+    table = train.data
+    columns = []
+    for name in names:
+        column = table.column(name)
+        if pa.types.is_null(column.type):
+            column = column.cast(pa.string())
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            return None
+        columns.append(pc.fill_null(column, "None"))  # str(None), as model_input_key writes it
+    sep = "\x1f"
+    key = columns[0] if len(columns) == 1 else pc.binary_join_element_wise(*columns, sep)
+    mask = pc.is_in(key, value_set=pa.array([sep.join(k) for k in asked], type=key.type))
+    if train._indices is not None:  # a selection of the table's rows: only those count
+        rows = train._indices.column(0)
+        mask, key = pc.take(mask, rows), pc.take(key, rows)
+    hits = pc.filter(key, mask).to_pylist()
+    return {tuple(h.split(sep)) if len(columns) > 1 else (h,) for h in hits}
 
 
 def collate(examples: list[dict], pad_id: int, teacher_pad_id: int | None = None):
@@ -618,6 +762,45 @@ def micro_batches(indices: list[int], rank: int, world: int, accum: int) -> list
     """This rank's ``accum`` micro-batches of a global batch (equal sizes; the config checks divisibility)."""
     size = len(indices) // (world * accum)
     return [indices[(a * world + rank) * size : (a * world + rank + 1) * size] for a in range(accum)]
+
+
+def rank_batches(
+    step: int, batch_size: int, num_examples: int, seed: int, rank: int, world: int, accum: int, block: int
+) -> list[list[int]]:
+    """This rank's ``accum`` micro-batches of global batch ``step`` (each ``batch_size / (world * accum)``).
+
+    One worker: consecutive slices of seeded per-epoch permutations of every example (``step_indices``).
+    Several: rank r owns the blocks of ``block`` consecutive examples whose number b has b % world == r (the
+    blocks are the teacher-signal shards, ``signals.shard_examples``, smaller when the data is too short to give
+    every rank one) and draws its share of every global batch from seeded per-epoch permutations of its own
+    examples, so a worker training from cached signals opens its own shards only. Both are pure functions
+    of the step: a resumed run sees the same batches.
+    """
+    if world == 1:
+        indices = step_indices(step, batch_size, num_examples, seed)
+        return micro_batches(indices, 0, 1, accum)
+    owned = owned_examples(num_examples, rank, world, block)
+    share = batch_size // world
+    size = share // accum
+    mine = []
+    for pos in range(step * share, (step + 1) * share):
+        epoch, offset = divmod(pos, len(owned))
+        mine.append(owned[_permutation(len(owned), seed * 7919 + rank + 1, epoch)[offset]])
+    return [mine[a * size : (a + 1) * size] for a in range(accum)]
+
+
+_OWNED: dict[tuple[int, int, int, int], list[int]] = {}
+
+
+def owned_examples(num_examples: int, rank: int, world: int, block: int) -> list[int]:
+    """The example indices rank ``rank`` of ``world`` trains on (``rank_batches``), ascending."""
+    block = max(1, min(block, -(-num_examples // world)))
+    key = (num_examples, rank, world, block)
+    if key not in _OWNED:
+        starts = range(rank * block, num_examples, world * block)
+        _OWNED.clear()
+        _OWNED[key] = [i for s in starts for i in range(s, min(s + block, num_examples))]
+    return _OWNED[key]
 
 
 def shard_batches(num_examples: int, batch_size: int, rank: int, world: int) -> list[range]:

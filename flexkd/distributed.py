@@ -39,6 +39,15 @@ def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return work.to(tensor.device)
 
 
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` in one process). Small picklable values only."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def loss_group():
     """The process group the training loss sums its batch statistics over (``flexkd.losses.co_moments``):
     the default group when more than one rank runs, else None (this process alone: no collective at all).

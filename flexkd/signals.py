@@ -25,11 +25,17 @@ A shard holds its examples' tensors concatenated, with offsets: ``index`` (n,), 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
 import logging
+import os
+import tempfile
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +43,7 @@ import torch
 from flexkd.config import Config, ConfigError
 from flexkd.data import IGNORE
 from flexkd.losses import TopK, head_on_rows, loss_rows, top_k_logits
+from flexkd.shardcache import ShardCache
 from flexkd.storage import Store
 
 log = logging.getLogger("flexkd")
@@ -74,8 +81,11 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def rows_digest(rows: list[dict]) -> str:
-    return _digest(rows)
+def rows_digest(rows) -> str:
+    """The training rows' identity in a cache's material (a table is digested a batch at a time, once)."""
+    from flexkd.data import rows_digest as full_digest
+
+    return full_digest(rows)[:16]
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -102,6 +112,9 @@ def material(cfg: Config, bench, layers: list[int], temperatures: list[float] | 
     from flexkd.scorecache import fingerprint_model
 
     top_k = effective_top_k(cfg, len(bench.tok_s))
+    # The rows' digest comes with the tokenised table (written by the first process that reads these rows):
+    # mapping it here saves this process a pass over every row.
+    bench.encode_table(bench.data.train)
     return {
         "teacher": _digest(fingerprint_model(cfg.teacher.path)),
         "tokenizer": tokenizer_digest(bench.tok_s),
@@ -337,30 +350,34 @@ def decode_shard(data: bytes, where: str) -> dict:
     try:
         return load(data)
     except Exception as err:  # safetensors raises its own error types for a truncated or garbled file
-        raise SignalError(
-            f"{where}: corrupt signal shard ({err}); delete the cache folder and rebuild"
-        ) from None
+        raise corrupt_shard(where, str(err)) from None
+
+
+def corrupt_shard(where: str, why: str) -> SignalError:
+    return SignalError(f"{where}: corrupt signal shard ({why}); delete the cache folder and rebuild")
+
+
+def missing_shard(where: str) -> SignalError:
+    return SignalError(f"{where}: missing signal shard; delete the cache folder and rebuild")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Estimating, planning and finishing a build
 
 
-def estimate_bytes(examples: list[dict], spec: ShardSpec, teacher_hidden: int, classes: int) -> int:
-    """Bytes the shards will take (tensor payloads; headers are a few KB per shard)."""
+def estimate_bytes(
+    tokens: int, positions: int, examples: int, spec: ShardSpec, teacher_hidden: int, classes: int
+) -> int:
+    """Bytes the shards will take (tensor payloads; headers are a few KB per shard), from the encoded table's
+    totals: its tokens, its loss positions (one per example for classification) and its examples."""
     item = DTYPES[spec.dtype].itemsize
-    tokens = sum(len(e["input_ids"]) for e in examples)
-    if spec.causal:
-        positions = sum(sum(1 for v in e["labels"] if v != IGNORE) for e in examples)
-    else:
-        positions = len(examples)
     width = {layer: len(spec.units[layer]) if spec.units else teacher_hidden for layer in spec.layers}
     hidden = tokens * sum(width.values()) * item
     if spec.causal and spec.top_k:
         per_position = spec.top_k * (item + 4) + 4 * len(spec.temperatures)
     else:
         per_position = (spec.vocab if spec.causal else classes) * item
-    return hidden + positions * per_position + 24 * len(examples)
+    return hidden + positions * per_position + 24 * examples
 
 
 def check_budget(estimate: int, cfg: Config) -> None:
@@ -403,10 +420,125 @@ def write_manifest(
 # Reading
 
 
-class SignalReader:
-    """A cache folder, read by training-example index (shards are read and checked on first use)."""
+MAX_OPEN = 16  # local shard files kept open between micro-batches (opening one again is a header read)
+# safetensors dtype names -> torch dtypes: the ones a shard holds.
+ST_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+}
 
-    def __init__(self, folder: str):
+
+def read_header(fd: int, size: int) -> dict[str, tuple[torch.dtype, list[int], int]]:
+    """A safetensors file's tensors: name -> (dtype, shape, absolute byte offset of its data).
+
+    The format is an 8-byte little-endian header length, that many bytes of JSON (per tensor its dtype, shape
+    and ``data_offsets`` from the end of the header), then the data. Raises ValueError on anything else."""
+    head = os.pread(fd, 8, 0)
+    if len(head) < 8:
+        raise ValueError("shorter than a safetensors header")
+    n = int.from_bytes(head, "little")
+    if n > size - 8:
+        raise ValueError(f"header length {n} past the end of the file")
+    meta = json.loads(os.pread(fd, n, 8))
+    out = {}
+    for name, info in meta.items():
+        if name == "__metadata__":
+            continue
+        dtype = ST_DTYPES[info["dtype"]]
+        begin, stop = info["data_offsets"]
+        count = 1
+        for dim in info["shape"]:
+            count *= dim
+        if stop - begin != count * dtype.itemsize or 8 + n + stop > size:
+            raise ValueError(f"tensor {name}: its data offsets do not fit its shape or the file")
+        out[name] = (dtype, list(info["shape"]), 8 + n + begin)
+    return out
+
+
+@dataclass
+class _Open:
+    """One shard being read: its open file, its tensors' layout, its examples' offsets and, for a fetched
+    shard, the descriptor that keeps the ``ShardCache`` from evicting it.
+
+    Rows are read with positioned reads at the byte offsets the safetensors header gives, straight into the
+    batch tensor: a process holds the bytes of the examples it reads, and nothing else of the file. (A
+    ``safe_open`` mapping made about 2 MB of the shard resident at each open, and more at each slice, so a
+    reader's resident memory grew with the shards it had touched.) The page cache, which every process of the
+    node shares, serves the reads."""
+
+    fd: int
+    tensors: dict  # name -> (dtype, shape, data offset)
+    tok: list[int]  # (n+1,) offsets of its examples' tokens and loss positions
+    pos: list[int]
+    hold: int | None
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def width(self, name: str) -> list[int]:
+        """The shape of one row of tensor ``name`` (its shape after the first dimension)."""
+        return self.tensors[name][1][1:]
+
+    def read(self, name: str, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``r0:r1`` of tensor ``name``, (r1 - r0, *width) in its stored dtype; into ``out`` (contiguous,
+        that shape, the stored dtype) when given, else into a new tensor."""
+        dtype, shape, offset = self.tensors[name]
+        row = dtype.itemsize
+        for dim in shape[1:]:
+            row *= dim
+        if out is None:
+            out = torch.empty((r1 - r0, *shape[1:]), dtype=dtype)
+        if r1 > r0:
+            view = out.view(-1).view(torch.uint8).numpy()
+            got = os.preadv(self.fd, [view], offset + r0 * row)
+            if got != view.nbytes:
+                raise OSError(f"read {got} of {view.nbytes} bytes")
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.hold is not None:
+            os.close(self.hold)
+
+
+def _concat(pieces: list[torch.Tensor], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """``torch.cat(pieces)`` as ``dtype`` (pieces (n_i, ...) -> (sum n_i, ...)) into one new tensor, in pinned
+    memory when ``pin``."""
+    out = torch.empty((sum(p.shape[0] for p in pieces), *pieces[0].shape[1:]), dtype=dtype, pin_memory=pin)
+    at = 0
+    for p in pieces:
+        out[at : at + p.shape[0]] = p
+        at += p.shape[0]
+    return out
+
+
+class SignalReader:
+    """A cache folder, read by training-example index; nothing is read before a micro-batch needs it.
+
+    Shards are memory-mapped and sliced per example, never read whole: a process holds the handles of the
+    shards it reads (at most ``MAX_OPEN`` of a local cache; of a cloud cache, one micro-batch's) and their
+    examples' offsets. Start-up reads the manifest alone. A local shard is checked when first opened (its size
+    against the manifest, its header), not checksummed again: the writer hashed what it wrote. A cloud cache's
+    shards (s3://, gs://) are fetched into a ``flexkd.shardcache.ShardCache`` on local disk, checksummed as
+    they arrive.
+
+    cache_gb, cache_dir: ``signals.local_cache_gb`` and ``signals.local_cache_dir`` (cloud caches only).
+    fetch: name -> the shard file's bytes in pieces; given, the shards come through the ShardCache even from a
+    local folder (the tests' stand-in for a bucket); by default a cloud folder streams them through
+    ``Store.chunks``. ``opened``: the names of the shard files this reader has opened.
+    """
+
+    def __init__(
+        self,
+        folder: str,
+        cache_gb: float = 20.0,
+        cache_dir: str = "",
+        fetch: Callable[[str], Iterable[bytes]] | None = None,
+    ):
         self.folder = folder.rstrip("/")
         self.store = Store(self.folder)
         if not self.store.exists(MANIFEST):
@@ -416,52 +548,137 @@ class SignalReader:
         manifest = json.loads(self.store.read(MANIFEST))
         self.manifest = manifest
         self.spec = ShardSpec.from_dict(manifest["spec"])
-        self.shards = manifest["shards"]
-        self._where: dict[int, tuple[int, int]] = {}
-        for s_i, record in enumerate(self.shards):
-            for j in range(record["count"]):
-                self._where[record["first"] + j] = (s_i, j)
-        self._loaded: dict[int, dict] = {}
+        self.shards = sorted(manifest["shards"], key=lambda r: r["first"])
+        self._firsts = [r["first"] for r in self.shards]  # example -> shard is a bisect over these
+        end = 0
+        for record in self.shards:
+            if record["first"] != end:
+                raise SignalError(
+                    f"{self.folder}: its shards do not hold examples 0..{self.examples - 1} one after another "
+                    f"({record['file']} starts at example {record['first']}, not {end}); delete the cache folder "
+                    "and rebuild"
+                )
+            end += record["count"]
+        if end != self.examples:
+            raise SignalError(
+                f"{self.folder}: its shards hold {end} examples, its {MANIFEST} says {self.examples}; delete "
+                "the cache folder and rebuild"
+            )
+        self.opened: set[str] = set()
+        self._open: OrderedDict[int, _Open] = OrderedDict()  # least recently used first
+        # gather runs on the loop's prefetch thread: opening, evicting and slicing happen under this lock.
+        self._lock = threading.Lock()
+        self.cache: ShardCache | None = None
+        if fetch is not None or not self.store.local:
+            self.cache = self._shard_cache(cache_gb, cache_dir, fetch or self.store.chunks)
+
+    def _shard_cache(self, cache_gb: float, cache_dir: str, fetch) -> ShardCache:
+        if not cache_gb > 0:  # also NaN
+            raise SignalError(f"signals.local_cache_gb: {cache_gb} is not a positive number of GB")
+        largest = max((r["bytes"] for r in self.shards), default=0)
+        if largest > cache_gb * 1e9:
+            raise SignalError(
+                f"signals.local_cache_gb: {cache_gb:g} GB holds fewer shards than one batch needs (the largest "
+                f"shard of {self.folder} alone is {largest / 1e9:.3g} GB); raise it"
+            )
+        key = self.manifest.get("key") or self.folder.rsplit("/", 1)[-1]
+        root = cache_dir or os.path.join(tempfile.gettempdir(), "flexkd-signals")
+        return ShardCache(os.path.join(root, key), cache_gb * 1e9, fetch, self.folder)
 
     @property
     def examples(self) -> int:
         return self.manifest["examples"]
 
-    def _shard(self, s_i: int) -> dict:
-        if s_i not in self._loaded:
-            record = self.shards[s_i]
-            where = f"{self.folder}/{record['file']}"
-            if not self.store.exists(record["file"]):
-                raise SignalError(f"{where}: missing signal shard; delete the cache folder and rebuild")
-            data = self.store.read(record["file"])
-            if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
-                raise SignalError(
-                    f"{where}: corrupt signal shard ({len(data)} bytes, the manifest says {record['bytes']} "
-                    "and another checksum); delete the cache folder and rebuild"
-                )
-            self._loaded[s_i] = decode_shard(data, where)
-        return self._loaded[s_i]
-
     def check_covers(self, n_examples: int) -> None:
-        if self.examples != n_examples or any(i not in self._where for i in range(n_examples)):
+        # The shards were checked to hold 0..examples-1 one after another at init.
+        if self.examples != n_examples:
             raise SignalError(
                 f"data.source: the teacher signals in {self.folder} hold {self.examples} examples; "
                 f"this run trains on {n_examples}"
             )
 
-    def load_all(self) -> None:
-        """Read and check every shard now (the loop does this before its first step)."""
-        for s_i in range(len(self.shards)):
-            self._shard(s_i)
+    def close(self) -> None:
+        """Unmap every shard and let the ShardCache evict them (the reader opens them again when asked)."""
+        with self._lock:
+            while self._open:
+                self._open.popitem(last=False)[1].close()
 
-    def _example(self, index: int):
-        if index not in self._where:
+    def _place(self, index: int) -> tuple[int, int]:
+        """Training example -> (its shard's position in ``self.shards``, its row in that shard)."""
+        index = int(index)
+        s_i = bisect.bisect_right(self._firsts, index) - 1
+        if not 0 <= index < self.examples:
             raise SignalError(f"{self.folder}: no signals for training example {index}")
-        s_i, j = self._where[index]
-        shard = self._shard(s_i)
-        t0, t1 = shard["tok_offsets"][j : j + 2].tolist()
-        p0, p1 = shard["pos_offsets"][j : j + 2].tolist()
-        return shard, (t0, t1), (p0, p1)
+        return s_i, index - self._firsts[s_i]
+
+    def _acquire(self, needed: list[int]) -> dict[int, _Open]:
+        """The open shards ``needed`` (positions in ``self.shards``), opened or fetched as needed."""
+        names = {self.shards[s_i]["file"] for s_i in needed}
+        others = [s_i for s_i in self._open if s_i not in needed]  # least recently used first
+        if self.cache is not None:
+            need = sum(self.shards[s_i]["bytes"] for s_i in needed)
+            if need > self.cache.limit:
+                raise SignalError(
+                    f"signals.local_cache_gb: {self.cache.limit / 1e9:g} GB holds fewer shards than one batch "
+                    f"needs ({need / 1e9:.3g} GB); raise it"
+                )
+            for s_i in others:  # let go first: the room this batch needs may be theirs
+                self._open.pop(s_i).close()
+        for s_i in needed:
+            if s_i in self._open:
+                self._open.move_to_end(s_i)
+                if self.cache is not None:
+                    self.cache.touch(self.shards[s_i]["file"])
+            else:
+                self._open[s_i] = self._open_shard(s_i, names)
+        if self.cache is None:
+            for s_i in others[: max(len(self._open) - MAX_OPEN, 0)]:
+                self._open.pop(s_i).close()
+        return {s_i: self._open[s_i] for s_i in needed}
+
+    def _open_shard(self, s_i: int, batch: set[str]) -> _Open:
+        record = self.shards[s_i]
+        name = record["file"]
+        where, hold = f"{self.folder}/{name}", None
+        if self.cache is None:
+            path = self.store.path(name)
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                raise missing_shard(where) from None
+            if size != record["bytes"]:
+                raise corrupt_shard(where, f"{size} bytes, the manifest says {record['bytes']}")
+        else:
+            hold = self.cache.acquire(record, batch - {name})
+            path = str(self.cache.path(name))
+        try:
+            # The small tensors are read at every open (a few KB): only the open shards' offsets are held.
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise missing_shard(where) from None
+            try:
+                shard = _Open(fd, read_header(fd, os.fstat(fd).st_size), [], [], hold)
+                index = shard.read("index", 0, shard.tensors["index"][1][0])
+                shard.tok = shard.read("tok_offsets", 0, shard.tensors["tok_offsets"][1][0]).tolist()
+                shard.pos = shard.read("pos_offsets", 0, shard.tensors["pos_offsets"][1][0]).tolist()
+            except (ValueError, KeyError, OSError) as err:  # a truncated or garbled file
+                os.close(fd)
+                raise corrupt_shard(where, " ".join(str(err).split())) from None
+            tok, pos = shard.tok, shard.pos
+            first, count = record["first"], record["count"]
+            if not torch.equal(index, torch.arange(first, first + count, dtype=index.dtype)):
+                os.close(fd)
+                raise corrupt_shard(where, f"it does not hold examples {first}..{first + count - 1}")
+            if len(tok) != count + 1 or len(pos) != count + 1 or tok[-1] != record["tokens"]:
+                os.close(fd)
+                raise corrupt_shard(where, "its offsets do not match the manifest")
+        except BaseException:
+            if hold is not None:
+                os.close(hold)
+            raise
+        self.opened.add(name)
+        return shard
 
     def gather(
         self,
@@ -477,42 +694,63 @@ class SignalReader:
         the loss positions, (N, C|V) float32 or a TopK}``, T = max(lengths). ``lengths`` are the examples'
         token counts in this run; a count that differs from the cache's is an error (another tokenisation).
         """
+        device = torch.device(device)
+        # Pinned host memory on a GPU run: the copies overlap the step the main thread is running.
+        pin = device.type == "cuda"
         width = max(lengths)
-        parts = [self._example(i) for i in indices]
-        for i, length, (_, (t0, t1), _) in zip(indices, lengths, parts):
-            if t1 - t0 != length:
-                raise SignalError(
-                    f"data.max_length: training example {i} has {length} tokens here and {t1 - t0} in the "
-                    f"teacher signals of {self.folder}; they were built with another tokenisation"
+        with self._lock:
+            places = [self._place(i) for i in indices]
+            shards = self._acquire(list(dict.fromkeys(s_i for s_i, _ in places)))
+            parts = []
+            for i, length, (s_i, j) in zip(indices, lengths, places):
+                tok, pos = shards[s_i].tok, shards[s_i].pos
+                t0, t1, p0, p1 = tok[j], tok[j + 1], pos[j], pos[j + 1]
+                if t1 - t0 != length:
+                    raise SignalError(
+                        f"data.max_length: training example {i} has {length} tokens here and {t1 - t0} in the "
+                        f"teacher signals of {self.folder}; they were built with another tokenisation"
+                    )
+                parts.append((shards[s_i], t0, t1, p0, p1))
+            first = parts[0][0]
+            hidden = {}
+            for layer in layers:
+                name = f"hidden.{layer}"
+                if name not in first.names:
+                    raise SignalError(
+                        f"feature.layers: teacher layer {layer} is not in the signals of {self.folder} "
+                        f"(they hold {self.spec.layers})"
+                    )
+                d = first.width(name)[-1]
+                stored = first.tensors[name][0]
+                out = torch.zeros(len(indices), width, d, dtype=torch.float32, pin_memory=pin)
+                for b, (shard, t0, t1, _, _) in enumerate(parts):
+                    if stored == torch.float32:  # read straight into the batch: no copy
+                        shard.read(name, t0, t1, out[b, : t1 - t0])
+                    else:
+                        out[b, : t1 - t0] = shard.read(name, t0, t1)
+                hidden[layer] = out.to(device, non_blocking=pin)
+
+            def rows_of(name: str, dtype: torch.dtype, column: int | None = None) -> torch.Tensor:
+                pieces = [shard.read(name, p0, p1) for shard, _, _, p0, p1 in parts]
+                if column is not None:
+                    pieces = [p[:, column] for p in pieces]
+                return _concat(pieces, dtype, pin).to(device, non_blocking=pin)
+
+            if "logits" in first.names:
+                rows = rows_of("logits", torch.float32)
+            else:
+                temps = self.spec.temperatures
+                if float(temperature) not in temps:
+                    raise SignalError(
+                        f"kd.temperature: {temperature:g} is not among the temperatures of the top-k signals in "
+                        f"{self.folder} ({temps}); build signals for it"
+                    )
+                t = temps.index(float(temperature))
+                rows = TopK(
+                    rows_of("top_values", torch.float32),
+                    rows_of("top_indices", torch.long),
+                    rows_of("tail", torch.float32, column=t),
                 )
-        hidden = {}
-        for layer in layers:
-            name = f"hidden.{layer}"
-            if name not in parts[0][0]:
-                raise SignalError(
-                    f"feature.layers: teacher layer {layer} is not in the signals of {self.folder} "
-                    f"(they hold {self.spec.layers})"
-                )
-            d = parts[0][0][name].shape[-1]
-            out = torch.zeros(len(indices), width, d, dtype=torch.float32)
-            for b, (shard, (t0, t1), _) in enumerate(parts):
-                out[b, : t1 - t0] = shard[name][t0:t1].float()
-            hidden[layer] = out.to(device, non_blocking=True)
-        if "logits" in parts[0][0]:
-            rows = torch.cat([shard["logits"][p0:p1].float() for shard, _, (p0, p1) in parts]).to(device)
-        else:
-            temps = self.spec.temperatures
-            if float(temperature) not in temps:
-                raise SignalError(
-                    f"kd.temperature: {temperature:g} is not among the temperatures of the top-k signals in "
-                    f"{self.folder} ({temps}); build signals for it"
-                )
-            t = temps.index(float(temperature))
-            rows = TopK(
-                torch.cat([s["top_values"][p0:p1].float() for s, _, (p0, p1) in parts]).to(device),
-                torch.cat([s["top_indices"][p0:p1].long() for s, _, (p0, p1) in parts]).to(device),
-                torch.cat([s["tail"][p0:p1, t] for s, _, (p0, p1) in parts]).to(device),
-            )
         return {"hidden": hidden, "rows": rows}
 
     def unit_columns(self, layer: int, units: list[int]) -> list[int]:
@@ -535,12 +773,32 @@ class SignalReader:
 # the manifest written last.
 
 
+class Chunks:
+    """The encoded training examples cut into shards of ``size``, read from the table when asked for:
+    ``chunks[i]`` is shard i's examples, each with its ``index``; ``chunks.range(i)`` its indices."""
+
+    def __init__(self, rows, size: int):
+        self.rows, self.size = rows, size
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.size)
+
+    def range(self, i: int) -> range:
+        return range(i * self.size, min((i + 1) * self.size, len(self.rows)))
+
+    def __getitem__(self, i: int) -> list[dict]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        span = self.range(i)
+        return [{**ex, "index": j} for j, ex in zip(span, self.rows.take(span))]
+
+
 @dataclass
 class BuildPlan:
     key: str
     material: dict
     spec: ShardSpec
-    chunks: list[list[dict]]
+    chunks: Chunks
     """The encoded training examples (each with its ``index``), cut into shards."""
     estimate: int
     tokens: int
@@ -557,7 +815,7 @@ class BuildPlan:
         else:
             logits = "class logits"
         return (
-            f"teacher signals {self.key}: {sum(len(c) for c in self.chunks)} examples, {self.tokens} tokens, "
+            f"teacher signals {self.key}: {len(self.chunks.rows)} examples, {self.tokens} tokens, "
             f"layers {self.spec.layers} ({stored}), {logits}, {self.spec.dtype}; estimate "
             f"{self.estimate / 1e6:.1f} MB ({self.estimate / max(self.tokens, 1):.0f} B/token) in "
             f"{len(self.chunks)} shard(s)"
@@ -574,10 +832,10 @@ def plan_build(
     """What a build of ``layers`` for this config writes, and where (nothing is computed yet)."""
     from flexkd.models import hidden_size
 
+    # The rows are tokenised into the shared Arrow table (or mapped from it): the driver holds no examples,
+    # and each teacher actor reads its shard's rows from the same files.
+    examples = bench.encode_table(bench.data.train)
     mat = material(cfg, bench, layers, temperatures)
-    examples = bench.encode_rows(bench.data.train)
-    for i, ex in enumerate(examples):
-        ex["index"] = i
     spec = ShardSpec(
         layers=mat["layers"],
         dtype=cfg.signals.dtype,
@@ -588,13 +846,16 @@ def plan_build(
         units=units,
         precision=cfg.run.precision,
     )
-    size = cfg.signals.shard_examples
-    chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
+    chunks = Chunks(examples, cfg.signals.shard_examples)
     estimate = estimate_bytes(
-        examples, spec, hidden_size(bench.teacher_config), max(len(bench.data.label_names), 1)
+        examples.tokens,
+        examples.positions,
+        len(examples),
+        spec,
+        hidden_size(bench.teacher_config),
+        max(len(bench.data.label_names), 1),
     )
-    tokens = sum(len(e["input_ids"]) for e in examples)
-    return BuildPlan(signal_key(mat), mat, spec, chunks, estimate, tokens, cfg.signals.path)
+    return BuildPlan(signal_key(mat), mat, spec, chunks, estimate, examples.tokens, cfg.signals.path)
 
 
 class ShardWriter:

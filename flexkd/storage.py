@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -45,6 +46,18 @@ class Store:
         filesystem, base = self._fs()
         with filesystem.open_input_stream("/".join([base, *parts])) as f:
             return f.read()
+
+    def chunks(self, *parts: str, size: int = 1 << 24) -> Iterator[bytes]:
+        """The file's bytes in pieces of at most ``size``: a large file streamed, never held whole."""
+        if self.local:
+            with open(self.path(*parts), "rb") as f:
+                while piece := f.read(size):
+                    yield piece
+            return
+        filesystem, base = self._fs()
+        with filesystem.open_input_stream("/".join([base, *parts])) as f:
+            while piece := f.read(size):
+                yield piece
 
     def write(self, data: bytes, *parts: str) -> None:
         if self.local:

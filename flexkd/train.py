@@ -22,6 +22,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,8 +30,15 @@ from transformers import get_scheduler
 
 from flexkd import checkpoint as ckpt
 from flexkd.config import Config
-from flexkd.data import describe_splits, micro_batches, model_inputs, step_indices, unseen_rows
-from flexkd.distributed import all_reduce_sum, loss_group, rank, world_size, wrap_distributed
+from flexkd.data import describe_splits, model_inputs, rank_batches, rows_of, unseen_rows
+from flexkd.distributed import (
+    all_reduce_sum,
+    gather_objects,
+    loss_group,
+    rank,
+    world_size,
+    wrap_distributed,
+)
 from flexkd.evaluation import evaluate
 from flexkd.models import build_student, hidden_size
 from flexkd.objective import Objective
@@ -90,11 +98,17 @@ def train(
     torch.manual_seed(cfg.run.seed)
     bench = open_workbench(cfg, plan.loads_teacher)
     device, data = bench.device, bench.data
-    signals = SignalReader(plan.signals) if plan.signals else None
+    signals = None
+    if plan.signals:
+        signals = SignalReader(
+            plan.signals, cache_gb=cfg.signals.local_cache_gb, cache_dir=cfg.signals.local_cache_dir
+        )
     world, me = world_size(), rank()
     limit = cfg.eval.max_examples or None
-    val_rows, test_rows = data.val[:limit], data.test[:limit]
-    train_examples = bench.encode_rows(data.train)
+    val_rows, test_rows = rows_of(data.val, limit), rows_of(data.test, limit)
+    # The train split is tokenised once per data and tokenizer (by whichever process comes first) into
+    # memory-mapped Arrow files; this process reads the examples of its batches and holds no other.
+    train_examples = bench.encode_table(data.train)
     val_examples = bench.encode_rows(val_rows)
     test_examples = bench.encode_rows(test_rows)
     log.info(
@@ -117,8 +131,9 @@ def train(
             )
 
     if signals is not None:
-        signals.check_covers(len(train_examples))
-        signals.load_all()  # read and checksum every shard now, not at step 1000
+        signals.check_covers(
+            len(train_examples)
+        )  # shards are opened (and checked) when a batch first reads them
         log.info("teacher signals: %d examples from %s", signals.examples, signals.folder)
 
     data_ready = time.perf_counter()
@@ -163,7 +178,7 @@ def train(
     events["event/datasets"] = describe_splits(
         cfg.data, {"train": data.train, "validation": val_rows, "test": test_rows}
     )
-    events["event/examples"] = model_inputs(cfg.data, val_rows or data.train, bench.tok_s)
+    events["event/examples"] = model_inputs(cfg.data, val_rows or rows_of(data.train, 2), bench.tok_s)
     events["event/teacher_source"] = "cached" if signals else ("live" if teacher is not None else "none")
     events["event/teacher_loads"] = bench.teacher_loads
     signal_layers = plan.teacher_layers if "feat" in plan.terms else []
@@ -213,19 +228,43 @@ def train(
     window_start = time.perf_counter()
     final_metrics: dict = {}
 
+    def read(step: int, a: int):
+        """Micro-batch ``a`` of ``step`` on the device: its rows read from the table, its teacher signals
+        gathered from the shards holding them (called one micro-batch ahead, in a thread: see below)."""
+        micro = rank_batches(
+            step - 1,
+            cfg.train.batch_size,
+            n_train,
+            cfg.run.seed,
+            me,
+            world,
+            accum,
+            cfg.signals.shard_examples,
+        )[a]
+        examples = train_examples.take(micro)
+        batch = bench.batch(examples)
+        if signals is not None:
+            lengths = [len(e["input_ids"]) for e in examples]
+            batch["signals"] = signals.gather(micro, lengths, signal_layers, cfg.kd.temperature, device)
+        return batch
+
+    # The next micro-batch is read while this one trains: reading the mapped table and shards (and, on a
+    # GPU, the pinned host-to-device copy) overlaps the step instead of adding to it.
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="flexkd-read")
+    order = [(s, a) for s in range(start_step + 1, cfg.train.steps + 1) for a in range(accum)]
+    pending = ahead.submit(read, *order[0]) if order else None
+    position = 0
+
     loop_started = time.perf_counter()
     for step in range(start_step + 1, cfg.train.steps + 1):
         # --- one optimiser step over the global batch: this rank's micro-batches, gradients accumulated ---
-        indices = step_indices(step - 1, cfg.train.batch_size, n_train, cfg.run.seed)
         # Dropout draws from a generator seeded by (seed, step, rank): a resumed run, on any rank, repeats
         # the draws of the run it continues without saving RNG states.
         torch.manual_seed((cfg.run.seed * 1_000_003 + step) * 1009 + me)
-        for a, micro in enumerate(micro_batches(indices, me, world, accum)):
-            examples = [train_examples[i] for i in micro]
-            batch = bench.batch(examples)
-            if signals is not None:
-                lengths = [len(e["input_ids"]) for e in examples]
-                batch["signals"] = signals.gather(micro, lengths, signal_layers, cfg.kd.temperature, device)
+        for a in range(accum):
+            batch = pending.result()
+            position += 1
+            pending = ahead.submit(read, *order[position]) if position < len(order) else None
             # DDP averages gradients on every backward; only the last micro-batch needs to.
             sync = contextlib.nullcontext() if (a == accum - 1 or world == 1) else model.no_sync()
             with sync:
@@ -276,9 +315,17 @@ def train(
         cost = {}
         if last:  # what the student costs to keep and to run, measured alike in every run (every rank: FSDP)
             cost = student_cost(
-                model, cfg, val_rows or data.train, val_examples or train_examples, bench, device
+                model,
+                cfg,
+                val_rows or rows_of(data.train, FOOTPRINT_INPUTS),
+                val_examples or train_examples.take(range(min(FOOTPRINT_INPUTS, n_train))),
+                bench,
+                device,
             )
             metrics.update(cost)
+        if last and signals is not None:  # which shards each rank read: its own, under several workers
+            read_by_rank = gather_objects(sorted(int(name[6:11]) for name in signals.opened))
+            events["event/signal_shards"] = {"shards": len(signals.shards), "read_by_rank": read_by_rank}
         checkpoint = None
         if ckpt_now:
             if last:
@@ -312,6 +359,7 @@ def train(
             finally:
                 if checkpoint:  # moved or uploaded by now, if the reporter keeps checkpoints
                     shutil.rmtree(checkpoint, ignore_errors=True)
+    ahead.shutdown()
     return final_metrics
 
 

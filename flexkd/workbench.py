@@ -54,6 +54,18 @@ class Workbench:
             out.append(ex)
         return out
 
+    def encode_table(self, rows):
+        """The train split encoded once into memory-mapped Arrow files (``flexkd.encoded``), read by index.
+        ``rows``: a ``datasets.Dataset`` (a list of dicts is made one)."""
+        from flexkd.encoded import encode_table
+
+        if isinstance(rows, list):
+            from datasets import Dataset
+
+            rows = Dataset.from_list(rows)
+        key = "student.path" if self.cfg.student.path else "student.tokenizer"
+        return encode_table(rows, self.tok_s, self.tok_t, self.cfg.data, self.data.label_names, key)
+
     def batch(self, examples: list[dict]) -> dict:
         return make_batcher(self.tok_t, self.tok_s, self.device)(examples)
 

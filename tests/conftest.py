@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One tokenised-table cache for the session, outside the checkout (runs share it, as a sweep's trials do).
+_OWN_DATA_CACHE = "FLEXKD_DATA_CACHE" not in os.environ
+os.environ.setdefault(
+    "FLEXKD_DATA_CACHE", os.path.join(tempfile.gettempdir(), f"flexkd-test-data-{os.getuid()}-{os.getpid()}")
+)
 
 import pytest  # noqa: E402
 
@@ -62,3 +68,10 @@ def ray_cluster():
     start_ray(num_cpus=4, quiet=True)
     yield ray
     ray.shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    if _OWN_DATA_CACHE:
+        shutil.rmtree(os.environ["FLEXKD_DATA_CACHE"], ignore_errors=True)

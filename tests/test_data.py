@@ -152,7 +152,9 @@ def test_local_files_with_a_column_map(tmp_path):
     assert data.label_names == ["negative", "positive"]
     assert set(data.train[0]) == {"text", "label"}
     again = load_task_data(cfg)
-    assert again.val == data.val and again.train == data.train  # deterministic in data.split_seed
+    assert (
+        again.val == data.val and again.train.to_list() == data.train.to_list()
+    )  # deterministic in data.split_seed
     other = load_task_data(Data(**{**vars(cfg), "split_seed": 7}))
     assert other.val != data.val
 

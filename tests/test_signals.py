@@ -4,11 +4,13 @@ not match the run; interrupted or damaged caches are never read; runs, Ray Train
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from flexkd import signals as sig
 from flexkd.checks import preflight
@@ -228,17 +230,36 @@ def test_an_interrupted_build_is_never_read_and_resumes(disk, tmp_path):
 
 
 def test_a_missing_or_corrupt_shard_is_an_error_naming_the_file(disk, tmp_path):
+    """Raised at the first gather that reads the shard, in one line naming the file. A local shard is checked
+    by its size and its header when first opened, not checksummed at every start: a payload byte flipped at the
+    same size goes unseen here (the writer hashed the file; a fetched shard is checked against the sha256 as it
+    arrives, tests/test_signal_reading.py)."""
     cfg = _config(disk, tmp_path, "classification")
     bp, manifest = _build(cfg)
     shard = Path(bp.folder, manifest["shards"][1]["file"])
-    data = bytearray(shard.read_bytes())
-    data[-3] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    with pytest.raises(ConfigError, match=f"{shard}: corrupt signal shard"):
-        sig.SignalReader(bp.folder).load_all()
+    original = shard.read_bytes()
+    bench = open_workbench(cfg, need_teacher=False)
+    examples = bench.encode_rows(bench.data.train)
+
+    def gather(reader, i):
+        return reader.gather([i], [len(examples[i]["input_ids"])], bp.spec.layers, 1.0, "cpu")
+
+    reader = sig.SignalReader(bp.folder)  # start-up reads no shard: the damage is found when shard 1 is read
+    shard.write_bytes(original[:-3])  # cut short
+    gather(reader, 0)
+    with pytest.raises(
+        ConfigError, match=f"^{re.escape(str(shard))}: corrupt signal shard \\(.*bytes, the manifest says"
+    ):
+        gather(reader, 25)
+    garbled = bytearray(original)
+    garbled[8:12] = b"\x00\x01\x02\x03"  # inside the JSON header, at the same size
+    shard.write_bytes(bytes(garbled))
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(shard))}: corrupt signal shard") as err:
+        gather(sig.SignalReader(bp.folder), 25)
+    assert "\n" not in str(err.value)
     shard.unlink()
-    with pytest.raises(ConfigError, match=f"{shard}: missing signal shard"):
-        sig.SignalReader(bp.folder).load_all()
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(shard))}: missing signal shard; delete"):
+        gather(sig.SignalReader(bp.folder), 25)
 
 
 def test_an_oversized_build_stops_before_writing(disk, tmp_path):
@@ -295,8 +316,9 @@ def test_ray_data_build_then_local_and_two_worker_runs_train_from_it(ray_cluster
         sig.SignalReader(manifest["folder"]),
         sig.SignalReader(sig.Store(reference.signals.path).path(in_process["key"])),
     )
-    for i in range(len(manifest["shards"])):
-        a, b = ray_built._shard(i), here._shard(i)
+    for record, other in zip(ray_built.shards, here.shards):
+        a = load_file(Path(ray_built.folder, record["file"]))
+        b = load_file(Path(here.folder, other["file"]))
         assert a.keys() == b.keys()
         for name in a:
             assert torch.allclose(a[name].double(), b[name].double(), atol=1e-6, rtol=1e-5), name
@@ -339,6 +361,9 @@ def test_ray_data_build_then_local_and_two_worker_runs_train_from_it(ray_cluster
     assert ev_live["teacher_source"] == "live" and ev_live["teacher_loads"] == 1
     assert ev_cached["teacher_source"] == "cached" and ev_cached["teacher_loads"] == 0  # scores were cached
     assert ev_ray["teacher_source"] == "cached" and ev_ray["teacher_loads"] == 0
+    # 48 examples in shards of 20: rank 0 owns blocks 0 and 2, rank 1 block 1, and each opened only its own.
+    assert ev_ray["signal_shards"] == {"shards": 3, "read_by_rank": [[0, 2], [1]]}
+    assert ev_cached["signal_shards"] == {"shards": 3, "read_by_rank": [[0, 1, 2]]}
     assert _events(tmp_path / "ray_live")["teacher_source"] == "live"
     for live_run, cached_run in (("live", "cached"), ("ray_live", "ray_cached")):
         pairs = list(zip(_metrics(tmp_path / live_run), _metrics(tmp_path / cached_run)))

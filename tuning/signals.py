@@ -28,18 +28,33 @@ log = logging.getLogger("flexkd")
 
 
 class TeacherActor:
-    """``map_batches`` callable: one teacher copy per actor; each row of a batch is one shard to write."""
+    """``map_batches`` callable: one teacher copy per actor; each row of a batch is one shard to write.
 
-    def __init__(self, cfg_dict: dict, label_names: list[str], spec: dict, folder: str):
+    A row names its shard only; the actor reads the shard's examples from the tokenised table the driver
+    wrote (``flexkd.encoded``, memory-mapped), so no examples pass through the driver or the object store.
+    A node that does not see the driver's data.cache_dir tokenises the rows itself, into the same key."""
+
+    def __init__(
+        self, cfg_dict: dict, label_names: list[str], spec: dict, folder: str, table: str, size: int
+    ):
+        from pathlib import Path
+
+        from flexkd.config import from_dict
+        from flexkd.encoded import open_table
+
         self.writer = sig.ShardWriter(cfg_dict, label_names, spec, folder)
+        rows = open_table(Path(table))
+        if rows is None:
+            from flexkd.workbench import open_workbench
+
+            bench = open_workbench(from_dict(cfg_dict), need_teacher=False)
+            rows = bench.encode_table(bench.data.train)
+        self.chunks = sig.Chunks(rows, size)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        records = [
-            json.dumps(self.writer(int(i), json.loads(examples)))
-            for i, examples in zip(batch["shard"], batch["examples"])
-        ]
+        records = [json.dumps(self.writer(int(i), self.chunks[int(i)])) for i in batch["shard"]]
         return {"record": np.array(records, dtype=object)}
 
 
@@ -106,7 +121,7 @@ def build(
             return {**done, "folder": bp.folder}
         started = time.perf_counter()
         actors, per_actor = actor_count(cfg, len(bp.chunks))
-        items = [{"shard": i, "examples": json.dumps(chunk)} for i, chunk in enumerate(bp.chunks)]
+        items = [{"shard": i} for i in range(len(bp.chunks))]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             TeacherActor,
             fn_constructor_kwargs={
@@ -114,6 +129,8 @@ def build(
                 "label_names": bench.data.label_names,
                 "spec": bp.spec.to_dict(),
                 "folder": bp.folder,
+                "table": bp.chunks.rows.folder,
+                "size": bp.chunks.size,
             },
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=actors),

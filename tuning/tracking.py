@@ -550,6 +550,11 @@ class MlflowSink:
         if name == "examples":
             self.examples = list(value)  # the input example of the student's MLflow model
             return
+        if name == "signal_shards":  # the full lists stay in events.jsonl; the tag says how many
+            value = ", ".join(
+                f"rank {r} read {len(read)} of {value['shards']}"
+                for r, read in enumerate(value["read_by_rank"])
+            )
         text = (
             shown(float(value))
             if isinstance(value, (int, float)) and not isinstance(value, bool)
