@@ -485,8 +485,13 @@ def split_task_data(raw: dict, cfg: Data) -> TaskData:
     val = carve("validation", cfg.val_size, "data.val_split")
     test = carve("test", cfg.test_size, "data.test_split")
     keep = cfg.max_train_examples or n
-    rest = range(min(n, keep)) if not held else [i for i in range(n) if i not in held][:keep]
-    if not rest:
+    if held:  # an index array (8 bytes a row), not a list of Python ints
+        import numpy as np
+
+        rest = np.setdiff1d(np.arange(n), np.fromiter(held, dtype=np.int64, count=len(held)))[:keep]
+    else:
+        rest = range(min(n, keep))
+    if not len(rest):
         raise ConfigError(
             f"data.val_size: holding out {len(held)} examples leaves no training data in {source} ({n} rows)"
         )
@@ -684,22 +689,31 @@ def _seen_in_table(train, asked: set[tuple], task: str) -> set[tuple] | None:
     target = "label" if task == "classification" else TARGET_FIELD[task]
     names = [name for name in TASK_COLUMNS[task] if name != target]
     table = train.data
-    columns = []
-    for name in names:
-        column = table.column(name)
-        if pa.types.is_null(column.type):
-            column = column.cast(pa.string())
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            return None
-        columns.append(pc.fill_null(column, "None"))  # str(None), as model_input_key writes it
     sep = "\x1f"
-    key = columns[0] if len(columns) == 1 else pc.binary_join_element_wise(*columns, sep)
-    mask = pc.is_in(key, value_set=pa.array([sep.join(k) for k in asked], type=key.type))
+    wanted = None
+    mask_parts = []
+    for start in range(0, table.num_rows, 50_000):  # a slice at a time: Arrow's buffers stay small
+        columns = []
+        for name in names:
+            column = table.column(name).slice(start, 50_000)
+            if pa.types.is_null(column.type):
+                column = column.cast(pa.string())
+            if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+                return None
+            columns.append(pc.fill_null(column, "None"))  # str(None), as model_input_key writes it
+        key = columns[0] if len(columns) == 1 else pc.binary_join_element_wise(*columns, sep)
+        if wanted is None:
+            wanted = pa.array([sep.join(k) for k in asked], type=key.type)
+        mask_parts.append(pc.is_in(key, value_set=wanted))
+    mask = pa.chunked_array(mask_parts, type=pa.bool_())  # one bit a row of the whole table
     if train._indices is not None:  # a selection of the table's rows: only those count
-        rows = train._indices.column(0)
-        mask, key = pc.take(mask, rows), pc.take(key, rows)
-    hits = pc.filter(key, mask).to_pylist()
-    return {tuple(h.split(sep)) if len(columns) > 1 else (h,) for h in hits}
+        mask = pc.take(mask, train._indices.column(0))
+        found = pc.take(train._indices.column(0), pc.indices_nonzero(mask))
+    else:
+        found = pc.indices_nonzero(mask)
+    hits = train.data.table.select(names).take(found).to_pylist()
+    pa.default_memory_pool().release_unused()
+    return {tuple(str(h[n]) for n in names) for h in hits}
 
 
 def collate(examples: list[dict], pad_id: int, teacher_pad_id: int | None = None):
